@@ -1,0 +1,26 @@
+"""mhc_fx: turn the residual connections of any PyTorch model into n-stream Manifold-Constrained
+Hyper-Connections (mHC, DeepSeek arXiv 2512.24880) or Hyper-Connections (HC, arXiv 2409.19606),
+as compiler passes over the model's captured graph."""
+
+from .config import MHCConfig
+from .convert import convert, find_residuals
+from .converted import ConvertedModel
+from .errors import CaptureError, ConfigError, ConversionError, MHCError
+from .optim import param_groups
+from .report import BlockReport, ConversionReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MHCConfig",
+    "convert",
+    "find_residuals",
+    "param_groups",
+    "ConvertedModel",
+    "ConversionReport",
+    "BlockReport",
+    "MHCError",
+    "ConfigError",
+    "CaptureError",
+    "ConversionError",
+]

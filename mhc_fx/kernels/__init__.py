@@ -1,0 +1,1 @@
+"""Fused Triton kernels for the mHC connection (forward and backward). Reserved: see issue #3."""

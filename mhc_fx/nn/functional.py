@@ -1,0 +1,228 @@
+"""Pure-torch reference math of mHC and HC — the single source of truth.
+
+Every other implementation (Triton kernels, backend fusions, ONNX decompositions) is tested
+against the functions in this file. Notation follows ``docs/math.md`` and DESIGN §2.
+
+Layout: the residual stream of one token is ``X ∈ R^{n×C}``; tensors use the canonical layout
+``[..., n, C]`` (any leading dims, e.g. ``[B, T, n, C]``). Per-token coefficients are
+``H_pre [..., n]``, ``H_post [..., n]`` and ``H_res [..., n, n]``. Coefficients, Sinkhorn and
+all accumulations are computed in float32 (float64 inputs stay float64, for gradcheck); the
+mixing results are cast back to the stream dtype.
+
+A residual block ``x_{l+1} = x_l + F(x_l)`` becomes::
+
+    h      = H_pre · X                      input of the branch      [..., C]
+    y      = F(h)                           the original branch      [..., C]
+    X_next = H_res · X + H_postᵀ · y        next stream              [..., n, C]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "compute_dtype",
+    "sinkhorn",
+    "mhc_coefficients",
+    "hc_coefficients",
+    "pre_mix",
+    "post_res_mix",
+    "expand_streams",
+    "reduce_streams",
+    "to_token_layout",
+    "from_token_layout",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype coefficients are computed in: float64 stays float64, everything else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """Sinkhorn-Knopp projection onto the doubly stochastic matrices (mHC Eq. 9).
+
+    ``M⁽⁰⁾ = exp(logits − max)``, then ``iters`` times: divide by the column sums, then by the
+    row sums. The last step normalises rows, so every row sums to exactly 1 (forward gain 1);
+    columns sum to 1 approximately. Subtracting the per-matrix max only rescales ``M⁽⁰⁾`` and
+    so does not change the result. Autograd differentiates through every iteration exactly.
+
+    Args:
+        logits: ``[..., n, n]``, any float dtype (computed in float32 or float64).
+        iters: ``t_max``, the number of (column, row) normalisation pairs; ≥ 1.
+
+    Returns:
+        ``[..., n, n]`` in the compute dtype, entries ≥ 0, rows summing to 1.
+    """
+    m = logits.to(compute_dtype(logits.dtype))
+    m = torch.exp(m - m.amax(dim=(-2, -1), keepdim=True))
+    for _ in range(iters):
+        m = m / m.sum(dim=-2, keepdim=True)  # columns
+        m = m / m.sum(dim=-1, keepdim=True)  # rows
+    return m
+
+
+def mhc_coefficients(
+    X: torch.Tensor,
+    phi: torch.Tensor,
+    alpha: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    sinkhorn_iters: int = 20,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mHC mapping coefficients (mHC Eq. 7–9, RMSNorm reordered as in §4.3.1).
+
+    ``v = vec(X)``, ``r = sqrt(mean(v²) + eps)``, ``raw = v·φ``,
+    ``h̃ = α_group · raw / r + b``; then ``H_pre = σ(h̃_pre)``, ``H_post = 2σ(h̃_post)`` and
+    ``H_res = Sinkhorn(mat(h̃_res))``. The columns of φ and b are ordered ``[pre (n), post (n),
+    res (n², row-major)]``.
+
+    Args:
+        X: ``[..., n, C]`` stream.
+        phi: ``[n*C, n*n + 2n]`` projection (an RMSNorm weight, if any, is folded in).
+        alpha: ``[3]`` gating scalars ``(α_pre, α_post, α_res)``.
+        bias: ``[n*n + 2n]``.
+        sinkhorn_iters: ``t_max``.
+        eps: added to the mean square before the square root.
+
+    Returns:
+        ``(H_pre [..., n], H_post [..., n], H_res [..., n, n])`` in the compute dtype.
+    """
+    n = X.shape[-2]
+    dt = compute_dtype(X.dtype)
+    v = X.flatten(-2).to(dt)  # [..., nC]
+    r = torch.sqrt(v.square().mean(dim=-1, keepdim=True) + eps)  # [..., 1]
+    raw = v @ phi.to(dt)  # [..., n²+2n]
+    a = alpha.to(dt)
+    gate = torch.cat([a[0].expand(n), a[1].expand(n), a[2].expand(n * n)])  # [n²+2n]
+    h = raw * gate / r + bias.to(dt)
+    h_pre, h_post, h_res = h.split([n, n, n * n], dim=-1)
+    H_pre = torch.sigmoid(h_pre)
+    H_post = 2.0 * torch.sigmoid(h_post)
+    H_res = sinkhorn(h_res.unflatten(-1, (n, n)), sinkhorn_iters)
+    return H_pre, H_post, H_res
+
+
+def hc_coefficients(
+    X: torch.Tensor,
+    pre_static: torch.Tensor,
+    post_static: torch.Tensor,
+    res_static: torch.Tensor,
+    dynamic: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    *,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hyper-Connection coefficients (HC arXiv 2409.19606, Eq. 10–13), in mHC's H notation.
+
+    Static HC uses the learned matrices as they are. Dynamic HC adds per-token terms computed
+    from the per-stream LayerNorm ``X̄`` (no affine; its scale is absorbed by the W's)::
+
+        A_m = s_α·tanh(X̄ W_m) + A_m0         [..., n]       (H_pre  = A_m)
+        A_r = s_α·tanh(X̄ W_r) + A_r0         [..., n, n]    (H_res  = A_rᵀ)
+        B   = s_β·tanh(X̄ W_β)ᵀ + B0          [..., n]       (H_post = B)
+
+    so that ``h = A_mᵀX = H_pre·X`` and ``X_next = A_rᵀX + Bᵀy = H_res·X + H_postᵀ·y``.
+
+    Args:
+        X: ``[..., n, C]`` stream.
+        pre_static: ``A_m0 [n]``; post_static: ``B0 [n]``; res_static: ``A_r0 [n, n]``.
+        dynamic: ``(W_m [C], W_r [C, n], W_β [C], s_α [], s_β [])`` or ``None`` for static HC.
+        eps: LayerNorm epsilon.
+
+    Returns:
+        ``(H_pre [..., n], H_post [..., n], H_res [..., n, n])`` in the compute dtype.
+    """
+    dt = compute_dtype(X.dtype)
+    A_m, B, A_r = pre_static.to(dt), post_static.to(dt), res_static.to(dt)
+    if dynamic is not None:
+        W_m, W_r, W_b, s_a, s_b = (t.to(dt) for t in dynamic)
+        Xn = F.layer_norm(X.to(dt), X.shape[-1:], eps=eps)  # [..., n, C]
+        A_m = s_a * torch.tanh(Xn @ W_m) + A_m  # [..., n]
+        A_r = s_a * torch.tanh(Xn @ W_r) + A_r  # [..., n, n]
+        B = s_b * torch.tanh(Xn @ W_b) + B  # [..., n]
+    else:
+        lead = X.shape[:-2]
+        A_m, B, A_r = A_m.expand(*lead, -1), B.expand(*lead, -1), A_r.expand(*lead, -1, -1)
+    return A_m, B, A_r.transpose(-2, -1)
+
+
+def pre_mix(X: torch.Tensor, H_pre: torch.Tensor) -> torch.Tensor:
+    """Branch input ``h = H_pre · X``.
+
+    Args:
+        X: ``[..., n, C]``; H_pre: ``[..., n]`` (broadcastable).
+
+    Returns:
+        ``[..., C]`` in X's dtype (accumulated in the compute dtype).
+    """
+    dt = compute_dtype(X.dtype)
+    h = (H_pre.to(dt).unsqueeze(-1) * X.to(dt)).sum(dim=-2)
+    return h.to(X.dtype)
+
+
+def post_res_mix(X: torch.Tensor, y: torch.Tensor, H_post: torch.Tensor, H_res: torch.Tensor) -> torch.Tensor:
+    """Next stream ``X_next = H_res · X + H_postᵀ · y``.
+
+    Args:
+        X: ``[..., n, C]``; y: ``[..., C]`` branch output;
+        H_post: ``[..., n]``; H_res: ``[..., n, n]`` (row i mixes into stream i).
+
+    Returns:
+        ``[..., n, C]`` in X's dtype (accumulated in the compute dtype).
+    """
+    dt = compute_dtype(X.dtype)
+    out = H_res.to(dt) @ X.to(dt) + H_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)
+    return out.to(X.dtype)
+
+
+def to_token_layout(X: torch.Tensor, stream_dim: int) -> torch.Tensor:
+    """Move the stream axis ``stream_dim`` and the feature axis right after it to the end.
+
+    ``[B, n, C, H, W]`` with ``stream_dim=1`` becomes ``[B, H, W, n, C]``; ``stream_dim=-2``
+    (token models, already ``[..., n, C]``) is returned as is.
+    """
+    d = stream_dim % X.dim()
+    if d == X.dim() - 2:
+        return X
+    return X.movedim((d, d + 1), (-2, -1))
+
+
+def from_token_layout(X: torch.Tensor, stream_dim: int, ndim: int) -> torch.Tensor:
+    """Inverse of :func:`to_token_layout` for a tensor of ``ndim`` dims (``[..., n, C]`` or
+    ``[..., C]``/``[..., n]`` when one trailing axis was reduced away)."""
+    d = stream_dim % ndim
+    if d == ndim - 2:
+        return X
+    if X.dim() == ndim:
+        return X.movedim((-2, -1), (d, d + 1))
+    return X.movedim(-1, d)
+
+
+def expand_streams(x: torch.Tensor, n: int, stream_dim: int = -1) -> torch.Tensor:
+    """Copy ``x`` into ``n`` identical streams along a new axis at ``stream_dim`` (the stream
+    axis sits immediately before the feature axis).
+
+    ``[..., C]`` → ``[..., n, C]`` for ``stream_dim=-2``; ``[B, C, H, W]`` → ``[B, n, C, H, W]``
+    for ``stream_dim=1``. ``stream_dim`` indexes the *output*.
+    """
+    X = x.unsqueeze(stream_dim)
+    shape = [-1] * X.dim()
+    shape[stream_dim] = n
+    return X.expand(shape).contiguous()
+
+
+def reduce_streams(X: torch.Tensor, stream_dim: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Reduce the n streams back to one: ``Σ_i w_i X_i`` (``weights [n]``), or the mean when
+    ``weights`` is ``None``.
+
+    Args:
+        X: stream with its stream axis at ``stream_dim`` (e.g. ``[..., n, C]``).
+    """
+    if weights is None:
+        return X.mean(dim=stream_dim)
+    shape = [1] * X.dim()
+    shape[stream_dim] = -1
+    dt = compute_dtype(X.dtype)
+    return (X.to(dt) * weights.to(dt).view(shape)).sum(dim=stream_dim).to(X.dtype)

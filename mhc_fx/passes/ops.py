@@ -1,0 +1,223 @@
+"""What an fx node computes, for both graph levels mhc_fx captures.
+
+``torch.export`` graphs hold ATen ops (``aten.add.Tensor``, ``aten.linear.default``);
+``symbolic_trace`` graphs hold torch-level calls (``operator.add``, ``call_module`` of an
+``nn.Linear``). The passes ask the questions below and never look at targets themselves.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+aten = torch.ops.aten
+
+ADD_TARGETS = {aten.add.Tensor, aten.add_.Tensor, operator.add, operator.iadd, torch.add}
+ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
+
+#: matmul/convolution family: an op of this kind with a parameter operand carries weights.
+WEIGHTED_ATEN = {
+    aten.linear.default, aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+    aten.matmul.default, aten.einsum.default, aten.conv1d.default, aten.conv2d.default,
+    aten.conv3d.default, aten.convolution.default, aten.conv_transpose1d.default,
+    aten.conv_transpose2d.input, aten.conv_transpose3d.input, aten._convolution.default,
+}
+WEIGHTED_TORCH = {
+    torch.nn.functional.linear, torch.matmul, operator.matmul, torch.mm, torch.bmm, torch.addmm,
+    torch.einsum, torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
+}
+CONV_ATEN = {
+    aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+    aten._convolution.default, aten.conv_transpose1d.default, aten.conv_transpose2d.input,
+    aten.conv_transpose3d.input,
+}
+CONV_TORCH = {torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d}
+WEIGHTED_MODULES = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.MultiheadAttention)
+
+#: ops that return their input unchanged (value-wise); dropout only when inactive.
+PASSTHROUGH_ATEN = {aten.alias.default, aten.clone.default, aten.contiguous.default, aten.lift_fresh_copy.default}
+PASSTHROUGH_METHODS = {"contiguous", "clone"}
+
+#: elementwise ops on one stream-carrying tensor: applying them to n streams = to each stream.
+UNARY_ATEN = {
+    aten.relu.default, aten.relu_.default, aten.gelu.default, aten.gelu_.default, aten.silu.default,
+    aten.silu_.default, aten.sigmoid.default, aten.tanh.default, aten.hardswish.default,
+    aten.hardtanh.default, aten.hardtanh_.default, aten.leaky_relu.default, aten.elu.default,
+    aten.mish.default, aten.dropout.default, aten.to.dtype, aten._to_copy.default,
+} | PASSTHROUGH_ATEN
+UNARY_TORCH = {
+    torch.relu, torch.nn.functional.relu, torch.nn.functional.gelu, torch.nn.functional.silu,
+    torch.sigmoid, torch.tanh, torch.nn.functional.dropout, torch.nn.functional.leaky_relu,
+}
+UNARY_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "to", "type_as"}
+UNARY_MODULES = (
+    nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish,
+    nn.Dropout, nn.Identity,
+)
+#: binary elementwise ops whose other operand (a scalar, or a small non-stream tensor such as a
+#: layer-scale γ) broadcasts over the stream axis.
+BINARY_ATEN = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
+BINARY_TORCH = {operator.mul, operator.truediv, torch.mul, torch.div}
+NORM_ATEN = {aten.layer_norm.default, aten.rms_norm.default}
+NORM_TORCH = {torch.nn.functional.layer_norm, torch.nn.functional.rms_norm}
+NORM_MODULES = (nn.LayerNorm, nn.RMSNorm)
+
+
+def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The submodule a ``call_module`` node calls, else None."""
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def tensor_meta(node: object) -> torch.Tensor | None:
+    """The example value (FakeTensor) recorded on a node, if it is a tensor."""
+    if isinstance(node, fx.Node):
+        val = node.meta.get("val", node.meta.get("example_value"))
+        if isinstance(val, torch.Tensor):
+            return val
+        tm = node.meta.get("tensor_meta")
+        if tm is not None and hasattr(tm, "shape"):
+            return torch.empty(tm.shape, dtype=tm.dtype, device="meta")
+    return None
+
+
+def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(lhs, rhs)`` if ``node`` adds two graph tensors with alpha 1, else None."""
+    if node.op == "call_function" and node.target in ADD_TARGETS:
+        pass
+    elif node.op == "call_method" and node.target in ADD_METHODS:
+        pass
+    else:
+        return None
+    if len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    lhs, rhs = node.args
+    if isinstance(lhs, fx.Node) and isinstance(rhs, fx.Node):
+        return lhs, rhs
+    return None
+
+
+def is_inplace_add(node: fx.Node) -> bool:
+    return node.target in (aten.add_.Tensor, operator.iadd, "add_", "__iadd__")
+
+
+def passthrough_input(node: fx.Node) -> fx.Node | None:
+    """The input of a value-preserving op (alias, clone, contiguous, same-dtype ``to``,
+    inactive dropout), else None."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    src = node.args[0]
+    if node.op == "call_function":
+        if node.target in PASSTHROUGH_ATEN:
+            return src
+        if node.target in (aten.to.dtype, aten._to_copy.default):
+            a, b = tensor_meta(node), tensor_meta(src)
+            same = a is not None and b is not None and a.dtype == b.dtype and a.device == b.device
+            return src if same else None
+        if node.target is aten.dropout.default:
+            p, train = node.args[1], node.args[2]
+            return src if (not train or p == 0) else None
+    if node.op == "call_method" and node.target in PASSTHROUGH_METHODS:
+        return src
+    return None
+
+
+def canonical(node: fx.Node) -> fx.Node:
+    """Follow value-preserving ops back to the node that produced the value."""
+    while (src := passthrough_input(node)) is not None:
+        node = src
+    return node
+
+
+def parameter_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose value is a trainable parameter or derived from parameters only
+    (``t(weight)``, ``weight.to(dtype)``): constant propagation over parameters."""
+    out: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            try:
+                val = gm.get_parameter(node.target)
+            except AttributeError:
+                continue
+            if val.requires_grad:
+                out.add(node)
+        elif node.op == "call_function" and node.all_input_nodes:
+            if all(n in out for n in node.all_input_nodes):
+                out.add(node)
+    return out
+
+
+def is_weighted(gm: fx.GraphModule, node: fx.Node, params: set[fx.Node]) -> bool:
+    """Whether ``node`` applies trainable weights to an activation (linear, conv, matmul with a
+    parameter operand, or a call to such a module)."""
+    if node.op == "call_module":
+        return isinstance(module_of(gm, node), WEIGHTED_MODULES)
+    if node.op != "call_function" or node.target not in WEIGHTED_ATEN | WEIGHTED_TORCH:
+        return False
+    inputs = node.all_input_nodes
+    return any(n in params for n in inputs) and any(n not in params for n in inputs)
+
+
+def is_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(module_of(gm, node), nn.modules.conv._ConvNd)
+    return node.op == "call_function" and node.target in CONV_ATEN | CONV_TORCH
+
+
+def stream_wise_input(gm: fx.GraphModule, node: fx.Node, feature_dim: int) -> fx.Node | None:
+    """If ``node`` maps its first input elementwise per stream, the input; else None.
+
+    Such an op can be applied to an n-stream tensor (stream axis right before the feature
+    axis ``feature_dim``) and acts on each stream as it acted on the single one: unary
+    elementwise ops, dropout, a scalar or broadcast (layer-scale) multiply, and — for
+    feature-last streams — LayerNorm/RMSNorm over the feature axis.
+    """
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    src = node.args[0]
+    others = [n for n in node.all_input_nodes if n is not src]
+    if node.op == "call_module":
+        mod = module_of(gm, node)
+        if isinstance(mod, UNARY_MODULES) and len(node.args) == 1:
+            return src
+        if isinstance(mod, NORM_MODULES) and len(mod.normalized_shape) == 1 and feature_dim == -1:
+            return src
+        return None
+    if node.op == "call_method":
+        if node.target in UNARY_METHODS and not any(isinstance(a, fx.Node) for a in node.args[1:]):
+            return src
+        return None
+    if node.op != "call_function":
+        return None
+    if node.target in UNARY_ATEN | UNARY_TORCH and not others:
+        return src
+    if node.target in NORM_ATEN | NORM_TORCH:
+        shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+        return src if feature_dim == -1 and shape is not None and len(shape) == 1 else None
+    if node.target in BINARY_ATEN | BINARY_TORCH and len(others) <= 1:
+        x = tensor_meta(src)
+        if not others:
+            return src
+        other = tensor_meta(others[0])
+        trailing = 1 if feature_dim == -1 else (x.dim() - 1 if x is not None else 0)
+        if node.args[1] is others[0] and other is not None and other.dim() <= trailing:
+            return src
+    return None
+
+
+def inplace_to_functional(node: fx.Node):
+    """The out-of-place target of an in-place op on an intermediate value, else None."""
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        schema = node.target._schema
+        name = schema.name.split("::")[-1]
+        first = schema.arguments[0] if schema.arguments else None
+        if not name.endswith("_") or first is None or first.alias_info is None or not first.alias_info.is_write:
+            return None
+        packet = getattr(aten, name[:-1], None)
+        overload = getattr(packet, node.target._overloadname, None) if packet is not None else None
+        return overload
+    if node.op == "call_function" and node.target is operator.iadd:
+        return operator.add
+    return None

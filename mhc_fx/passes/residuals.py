@@ -1,0 +1,186 @@
+"""Pass: find the identity residual additions ``x + f(x)`` of a captured graph.
+
+An add of ``a`` and ``b`` is a residual when both are tensors of equal shape and dtype and ``a``
+(after view-like no-ops: alias, clone, same-dtype ``to``, inactive dropout) is a strict ancestor
+of ``b`` through a path that holds an op with trainable weights (linear, conv, matmul with a
+parameter). Every other add of two tensors is reported with the reason it was left alone.
+The graph analysis uses networkx.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import networkx as nx
+import torch.fx as fx
+
+from . import ops
+
+
+@dataclasses.dataclass(eq=False)
+class Residual:
+    """One identity residual ``add = skip + branch_out`` (``skip`` canonicalised).
+
+    Attributes:
+        add: the add node; skip: the stream value ``x``; branch_out: the operand ``f(x)``;
+        branch: nodes between ``skip`` and ``branch_out`` (the body of ``f``, ``branch_out``
+        included); owner: module path of the add (from ``nn_module_stack``); child: the
+        submodule of ``owner`` that holds the branch's weights, if one does; feature_dim: 1
+        when the branch starts with a convolution (channel-first), else -1; channels: C.
+    """
+
+    add: fx.Node
+    skip: fx.Node
+    branch_out: fx.Node
+    branch: frozenset[fx.Node]
+    owner: str
+    child: str | None
+    feature_dim: int
+    channels: int
+
+    @property
+    def name(self) -> str:
+        """Readable block name, e.g. ``model.layers.3.mlp``."""
+        parts = [p for p in (self.owner, self.child) if p]
+        return ".".join(parts) or self.add.name
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedAdd:
+    """An add of two tensors that is not converted, and why."""
+
+    node: str
+    owner: str
+    reason: str
+
+
+def module_path(node: fx.Node, gm: fx.GraphModule | None = None) -> list[str]:
+    """The module paths enclosing ``node``, outermost first (``call_module`` targets included)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [p for p, _ in stack.values() if isinstance(p, str)]
+    paths = [p.removeprefix("L['self'].").removeprefix("L__self__") for p in paths]
+    if node.op == "call_module":
+        paths.append(str(node.target))
+    return [p for p in paths if p]
+
+
+def _graph(gm: fx.GraphModule) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for node in gm.graph.nodes:
+        g.add_node(node)
+        for src in node.all_input_nodes:
+            g.add_edge(src, node)
+    return g
+
+
+def _child_of(owner: str, weighted: list[fx.Node]) -> str | None:
+    """The submodule of ``owner`` most branch weights live in (``self_attn`` of ``layers.0``)."""
+    prefix = owner + "." if owner else ""
+    names = Counter()
+    for node in weighted:
+        for path in module_path(node):
+            if path.startswith(prefix) and len(path) > len(prefix):
+                names[path[len(prefix):].split(".")[0]] += 1
+                break
+    return names.most_common(1)[0][0] if names else None
+
+
+def _channels(gm: fx.GraphModule, skip: fx.Node, first_weighted: fx.Node, feature_dim: int) -> int | None:
+    meta = ops.tensor_meta(skip)
+    if meta is not None:
+        c = meta.shape[feature_dim]
+        return c if isinstance(c, int) else None  # a symbolic (dynamic) feature size is unusable
+    mod = ops.module_of(gm, first_weighted)
+    return getattr(mod, "in_features", None) or getattr(mod, "in_channels", None) or getattr(mod, "embed_dim", None)
+
+
+def _same_tensor_type(a: fx.Node, b: fx.Node) -> str | None:
+    """None when a and b have equal shape and dtype (or no recorded shapes), else the reason."""
+    ma, mb = ops.tensor_meta(a), ops.tensor_meta(b)
+    if ma is None or mb is None:
+        return None
+    if ma.dtype != mb.dtype:
+        return f"operands differ in dtype ({ma.dtype} vs {mb.dtype})"
+    if ma.dim() != mb.dim() or any(str(x) != str(y) for x, y in zip(ma.shape, mb.shape)):
+        return f"operands differ in shape ({tuple(ma.shape)} vs {tuple(mb.shape)}): a broadcast add"
+    return None
+
+
+def find_residual_adds(
+    gm: fx.GraphModule, feature_dim: int | None = None
+) -> tuple[list[Residual], list[SkippedAdd]]:
+    """All identity residuals of ``gm`` in graph order, and the adds of two tensors left alone.
+
+    Args:
+        gm: a captured graph (ATen from torch.export, or torch-level from symbolic_trace).
+        feature_dim: force the feature axis (1 or -1) instead of inferring it per residual.
+    """
+    g = _graph(gm)
+    params = ops.parameter_nodes(gm)
+    weighted = {n for n in gm.graph.nodes if ops.is_weighted(gm, n, params)}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    found: list[Residual] = []
+    skipped: list[SkippedAdd] = []
+    for node in gm.graph.nodes:
+        operands = ops.add_operands(node)
+        if operands is None:
+            continue
+        paths = module_path(node)
+        owner = paths[-1] if paths else ""
+
+        def skip(reason: str) -> None:
+            skipped.append(SkippedAdd(node.name, owner, reason))
+
+        lhs, rhs = operands
+        if lhs in params or rhs in params or ops.canonical(lhs) in params or ops.canonical(rhs) in params:
+            skip("adds a parameter-derived tensor (a bias or embedding table), not a residual")
+            continue
+        if (why := _same_tensor_type(lhs, rhs)) is not None:
+            skip(why)
+            continue
+        a_lhs, a_rhs = ops.canonical(lhs), ops.canonical(rhs)
+        if a_lhs is not a_rhs and nx.has_path(g, a_lhs, rhs):
+            skip_node, branch_out = a_lhs, rhs
+        elif a_lhs is not a_rhs and nx.has_path(g, a_rhs, lhs):
+            skip_node, branch_out = a_rhs, lhs
+        else:
+            common = nx.ancestors(g, lhs) & nx.ancestors(g, rhs)
+            skip(
+                "neither operand is computed from the other (a projection shortcut, parallel "
+                "branches or an embedding/mask add): no identity path to keep"
+                if common
+                else "the operands are independent inputs"
+            )
+            continue
+        branch = frozenset((nx.descendants(g, skip_node) & nx.ancestors(g, branch_out)) | {branch_out})
+        branch_weights = sorted(branch & weighted, key=order.__getitem__)
+        if not branch_weights:
+            skip("no trainable weights between the operands (e.g. x + g(x) inside an activation)")
+            continue
+        fdim = feature_dim if feature_dim is not None else (1 if ops.is_conv(gm, branch_weights[0]) else -1)
+        channels = _channels(gm, skip_node, branch_weights[0], fdim)
+        if not channels:
+            skip("the feature size is unknown or dynamic: pass example_inputs (or set feature_dim)")
+            continue
+        found.append(
+            Residual(node, skip_node, branch_out, branch, owner, _child_of(owner, branch_weights), fdim, channels)
+        )
+    return _drop_shared_skip_nesting(found, skipped)
+
+
+def _drop_shared_skip_nesting(
+    found: list[Residual], skipped: list[SkippedAdd]
+) -> tuple[list[Residual], list[SkippedAdd]]:
+    """``x + f(x + g(x))``: an inner residual inside an outer one's branch with the *same* skip
+    cannot get its own stream (both would read the one stream of x); keep the outer one."""
+    keep = []
+    for res in found:
+        outer = next((o for o in found if o is not res and o.skip is res.skip and res.add in o.branch), None)
+        if outer is None:
+            keep.append(res)
+        else:
+            skipped.append(
+                SkippedAdd(res.add.name, res.owner, f"nested inside residual {outer.name} with the same skip input")
+            )
+    return keep, skipped

@@ -1,0 +1,98 @@
+"""``ConversionReport``: what a conversion found and did, printable as tables (rich)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections import Counter
+
+from rich.console import Console
+from rich.table import Table
+
+from .passes.residuals import SkippedAdd
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockReport:
+    """One converted residual block.
+
+    Attributes:
+        name: readable block name (owner module + branch submodule, e.g. ``layers.3.mlp``);
+        module: path of its connection module (``""`` when nothing was inserted);
+        stream: index of its stream; index: position in the stream; channels: C;
+        feature_dim: the stream's feature axis (-1 feature-last, 1 channel-first).
+    """
+
+    name: str
+    module: str
+    stream: int
+    index: int
+    channels: int
+    feature_dim: int
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What :func:`mhc_fx.convert` / :func:`mhc_fx.find_residuals` saw and did.
+
+    Attributes:
+        model: class name of the model; method, n: the config's; capture: how the graph was
+        captured; dynamic: whether other input sizes are accepted; blocks: converted (or, for
+        find_residuals, convertible) blocks; skipped: adds of two tensors left alone, with the
+        reason; notes: capture attempts that failed and other facts; new_parameters: number of
+        parameters the conversion added.
+    """
+
+    model: str
+    method: str
+    n: int
+    capture: str
+    dynamic: bool
+    blocks: list[BlockReport]
+    skipped: list[SkippedAdd]
+    notes: list[str] = dataclasses.field(default_factory=list)
+    new_parameters: int = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_streams(self) -> int:
+        return len({b.stream for b in self.blocks})
+
+    def skipped_reasons(self) -> Counter:
+        """How many adds were left alone for each reason."""
+        return Counter(s.reason for s in self.skipped)
+
+    def __rich__(self) -> Table:
+        title = (
+            f"{self.model}: {self.num_blocks} residual blocks in {self.num_streams} streams → "
+            f"{self.method} (n={self.n}); captured by {self.capture}"
+            f"{' with dynamic shapes' if self.dynamic else ' with static shapes'}; "
+            f"+{self.new_parameters:,} parameters"
+        )
+        table = Table(title=title, title_justify="left")
+        for col in ("stream", "#", "block", "connection module", "C", "layout"):
+            table.add_column(col)
+        for b in self.blocks:
+            layout = "[..., n, C]" if b.feature_dim == -1 else "[B, n, C, ...]"
+            table.add_row(str(b.stream), str(b.index), b.name, b.module or "-", str(b.channels), layout)
+        return table
+
+    def __str__(self) -> str:
+        buf = io.StringIO()
+        console = Console(file=buf, width=130, color_system=None, soft_wrap=True)
+        console.print(self)
+        if self.skipped:
+            skipped = Table(title=f"{len(self.skipped)} adds left alone", title_justify="left")
+            skipped.add_column("count")
+            skipped.add_column("reason")
+            skipped.add_column("e.g. (node @ owner)")
+            for reason, count in self.skipped_reasons().most_common():
+                first = next(s for s in self.skipped if s.reason == reason)
+                skipped.add_row(str(count), reason, f"{first.node} @ {first.owner or '<root>'}")
+            console.print(skipped)
+        for note in self.notes:
+            console.print(f"note: {note}")
+        return buf.getvalue()
