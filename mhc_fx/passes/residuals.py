@@ -13,6 +13,7 @@ import dataclasses
 from collections import Counter
 
 import networkx as nx
+import torch
 import torch.fx as fx
 
 from . import ops
@@ -86,11 +87,18 @@ def _child_of(owner: str, weighted: list[fx.Node]) -> str | None:
     return names.most_common(1)[0][0] if names else None
 
 
-def _channels(gm: fx.GraphModule, skip: fx.Node, first_weighted: fx.Node, feature_dim: int) -> int | None:
-    meta = ops.tensor_meta(skip)
-    if meta is not None:
-        c = meta.shape[feature_dim]
-        return c if isinstance(c, int) else None  # a symbolic (dynamic) feature size is unusable
+def _channels(gm: fx.GraphModule, operands: tuple[fx.Node, fx.Node], first_weighted: fx.Node, feature_dim: int) -> int | None:
+    """C: the static feature size of the residual (from either operand's recorded shape, or
+    from the first weighted module when no shapes were recorded)."""
+    for node in operands:
+        meta = ops.tensor_meta(node)
+        if meta is not None:
+            c = meta.shape[feature_dim]
+            c = c.node.maybe_as_int() if isinstance(c, torch.SymInt) else c
+            if isinstance(c, int):
+                return c
+    if any(ops.tensor_meta(n) is not None for n in operands):
+        return None  # the feature size is dynamic
     mod = ops.module_of(gm, first_weighted)
     return getattr(mod, "in_features", None) or getattr(mod, "in_channels", None) or getattr(mod, "embed_dim", None)
 
@@ -159,7 +167,7 @@ def find_residual_adds(
             skip("no trainable weights between the operands (e.g. x + g(x) inside an activation)")
             continue
         fdim = feature_dim if feature_dim is not None else (1 if ops.is_conv(gm, branch_weights[0]) else -1)
-        channels = _channels(gm, skip_node, branch_weights[0], fdim)
+        channels = _channels(gm, (branch_out, skip_node), branch_weights[0], fdim)
         if not channels:
             skip("the feature size is unknown or dynamic: pass example_inputs (or set feature_dim)")
             continue
