@@ -1,0 +1,104 @@
+"""Conversion of hand-built models, one per residual shape."""
+
+import pytest
+import torch
+
+import mhc_fx
+from mhc_fx.zoo import TinyGPT
+
+from . import models
+from .conftest import rel_err
+
+METHODS = ["mhc", "hc", "hc-static"]
+
+# (factory, example input builder, converted blocks, streams)
+CASES = {
+    "pre_norm": (lambda: TinyGPT(layers=3), lambda b: torch.randint(0, 96, (b, 12)), 6, 1),
+    "post_norm": (models.PostNorm, lambda b: torch.randn(b, 7, 16), 3, 1),
+    "branch_first_and_spellings": (models.BranchFirst, lambda b: torch.randn(b, 7, 16), 3, 1),
+    "in_place": (models.InPlace, lambda b: torch.randn(b, 7, 16), 3, 1),
+    "resnet_projection": (models.TinyResNet, lambda b: torch.randn(b, 3, 8, 8), 3, 2),
+    "nested": (models.Nested, lambda b: torch.randn(b, 7, 16), 2, 2),
+    "side_reader": (models.SideReader, lambda b: torch.randn(b, 7, 16), 2, 1),
+}
+
+
+def _outputs(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("case", list(CASES))
+def test_function_preserved(case, n, method):
+    factory, make_input, blocks, streams = CASES[case]
+    model = factory().eval()
+    converted = mhc_fx.convert(model, (make_input(2),), n=n, method=method)
+    assert converted.report.num_blocks == blocks
+    assert converted.report.num_streams == streams
+    converted.eval()
+    x = make_input(3)  # another batch size: the capture is dynamic
+    with torch.no_grad():
+        for out, ref in zip(_outputs(converted(x)), _outputs(model(x))):
+            assert rel_err(out, ref) <= 1e-5
+
+
+def test_projection_shortcut_is_reported():
+    report = mhc_fx.find_residuals(models.TinyResNet(), (torch.randn(2, 3, 8, 8),))
+    assert report.num_blocks == 3
+    assert any("projection shortcut" in s.reason and s.owner == "blocks.2" for s in report.skipped)
+    assert "projection shortcut" in str(report)
+
+
+def test_symbolic_trace_fallback_without_example_inputs():
+    model = models.TinyResNet().eval()
+    converted = mhc_fx.convert(model, n=2)
+    assert converted.report.capture == "symbolic_trace" and converted.report.num_blocks == 3
+    converted.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert rel_err(converted(x), model(x)) <= 1e-5
+
+
+def test_graph_module_accepted_as_is():
+    model = models.PostNorm().eval()
+    gm = torch.fx.symbolic_trace(model)
+    converted = mhc_fx.convert(gm, (torch.randn(2, 7, 16),))
+    assert converted.report.capture == "graph_module" and converted.report.num_blocks == 3
+    x = torch.randn(4, 5, 16)
+    with torch.no_grad():
+        assert rel_err(converted(x), model(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("factory,x", [(models.TinyUNet, torch.randn(1, 3, 8, 8)), (models.NoResidual, torch.randn(2, 16))])
+def test_nothing_to_convert_is_a_clear_error(factory, x):
+    with pytest.raises(mhc_fx.ConversionError, match="no residual connection"):
+        mhc_fx.convert(factory(), (x,))
+    assert mhc_fx.find_residuals(factory(), (x,)).num_blocks == 0
+
+
+def test_residual_method_keeps_the_adds():
+    model = TinyGPT(layers=2).eval()
+    ids = torch.randint(0, 96, (2, 8))
+    converted = mhc_fx.convert(model, (ids,), method="residual")
+    assert converted.report.num_blocks == 4 and converted.report.new_parameters == 0
+    assert not any(isinstance(m, mhc_fx.nn.Connection) for m in converted.modules())
+    with torch.no_grad():
+        assert torch.equal(converted.eval()(ids), model(ids))
+
+
+def test_connections_are_named_after_their_owner():
+    converted = mhc_fx.convert(TinyGPT(layers=2), (torch.randint(0, 96, (2, 8)),))
+    names = [b.module for b in converted.report.blocks]
+    assert names == ["blocks.0.attn_mhc", "blocks.0.mlp_mhc", "blocks.1.attn_mhc", "blocks.1.mlp_mhc"]
+    assert "blocks.1.mlp_mhc.phi" in converted.state_dict()
+    assert "tok.weight" in converted.state_dict()  # original keys are kept
+
+
+def test_learned_reduce_has_parameters_and_preserves():
+    model = TinyGPT(layers=2).eval()
+    ids = torch.randint(0, 96, (2, 8))
+    converted = mhc_fx.convert(model, (ids,), reduce="learned").eval()
+    assert "mhc_streams.0.reduce.weight" in converted.state_dict()
+    with torch.no_grad():
+        assert rel_err(converted(ids), model(ids)) <= 1e-5
