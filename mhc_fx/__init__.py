@@ -3,7 +3,7 @@ Hyper-Connections (mHC, DeepSeek arXiv 2512.24880) or Hyper-Connections (HC, arX
 as compiler passes over the model's captured graph."""
 
 from .config import MHCConfig
-from .convert import convert, find_residuals
+from .conversion import convert, find_residuals
 from .converted import ConvertedModel
 from .errors import CaptureError, ConfigError, ConversionError, MHCError
 from .optim import param_groups

@@ -40,7 +40,8 @@ class ConversionReport:
         captured; dynamic: whether other input sizes are accepted; blocks: converted (or, for
         find_residuals, convertible) blocks; skipped: adds of two tensors left alone, with the
         reason; notes: capture attempts that failed and other facts; new_parameters: number of
-        parameters the conversion added.
+        parameters the conversion added; seconds: wall time of each phase (``capture``,
+        ``passes``, ``check``).
     """
 
     model: str
@@ -52,6 +53,7 @@ class ConversionReport:
     skipped: list[SkippedAdd]
     notes: list[str] = dataclasses.field(default_factory=list)
     new_parameters: int = 0
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def num_blocks(self) -> int:

@@ -75,6 +75,20 @@ def _graph(gm: fx.GraphModule) -> nx.DiGraph:
     return g
 
 
+def _between(g: nx.DiGraph, nodes: list[fx.Node], order: dict[fx.Node, int], src: fx.Node, dst: fx.Node) -> frozenset[fx.Node]:
+    """Nodes on paths from ``src`` to ``dst`` (``dst`` included, ``src`` not); empty when
+    ``src`` is not an ancestor of ``dst``. The search stays within the graph-order window
+    between the two (fx graphs are topologically ordered), so a block costs its own size."""
+    lo, hi = order[src], order[dst]
+    if lo >= hi:
+        return frozenset()
+    window = g.subgraph(nodes[lo : hi + 1])
+    up = nx.ancestors(window, dst)
+    if src not in up:
+        return frozenset()
+    return frozenset((up & nx.descendants(window, src)) | {dst})
+
+
 def _child_of(owner: str, weighted: list[fx.Node]) -> str | None:
     """The submodule of ``owner`` most branch weights live in (``self_attn`` of ``layers.0``)."""
     prefix = owner + "." if owner else ""
@@ -127,7 +141,8 @@ def find_residual_adds(
     g = _graph(gm)
     params = ops.parameter_nodes(gm)
     weighted = {n for n in gm.graph.nodes if ops.is_weighted(gm, n, params)}
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
     found: list[Residual] = []
     skipped: list[SkippedAdd] = []
     for node in gm.graph.nodes:
@@ -148,20 +163,16 @@ def find_residual_adds(
             skip(why)
             continue
         a_lhs, a_rhs = ops.canonical(lhs), ops.canonical(rhs)
-        if a_lhs is not a_rhs and nx.has_path(g, a_lhs, rhs):
+        if a_lhs is not a_rhs and (branch := _between(g, nodes, order, a_lhs, rhs)):
             skip_node, branch_out = a_lhs, rhs
-        elif a_lhs is not a_rhs and nx.has_path(g, a_rhs, lhs):
+        elif a_lhs is not a_rhs and (branch := _between(g, nodes, order, a_rhs, lhs)):
             skip_node, branch_out = a_rhs, lhs
         else:
-            common = nx.ancestors(g, lhs) & nx.ancestors(g, rhs)
             skip(
                 "neither operand is computed from the other (a projection shortcut, parallel "
-                "branches or an embedding/mask add): no identity path to keep"
-                if common
-                else "the operands are independent inputs"
+                "branches, or an embedding/mask add): no identity path to keep"
             )
             continue
-        branch = frozenset((nx.descendants(g, skip_node) & nx.ancestors(g, branch_out)) | {branch_out})
         branch_weights = sorted(branch & weighted, key=order.__getitem__)
         if not branch_weights:
             skip("no trainable weights between the operands (e.g. x + g(x) inside an activation)")

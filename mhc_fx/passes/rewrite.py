@@ -85,11 +85,11 @@ def rewrite_stream(
 
 
 def erase_dead(gm: fx.GraphModule, dead: list[fx.Node]) -> None:
-    """Erase the replaced nodes, then every pure node left without readers; lint, recompile."""
+    """Erase the replaced nodes, then every pure node left without readers; lint. (The graph
+    is compiled once, when :class:`~mhc_fx.ConvertedModel` binds it.)"""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in sorted(dead, key=order.__getitem__, reverse=True):
         if not node.users:
             gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "call_function" or n.is_impure())
     gm.graph.lint()
-    gm.recompile()

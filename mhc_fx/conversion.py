@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from collections import Counter
 from typing import Any
 
@@ -252,7 +253,9 @@ def convert(
     args = _as_args(example_inputs)
     kwargs = example_kwargs or {}
     src = model if config.inplace or isinstance(model, fx.GraphModule) else copy.deepcopy(model)
+    started = time.perf_counter()
     cap = capture(src, args, kwargs, dynamic=config.dynamic)
+    captured = time.perf_counter()
     train = _analyse(cap.train, config)
     evaluation = train if cap.eval is cap.train else _analyse(cap.eval, config)
     if not train.streams:
@@ -276,6 +279,8 @@ def convert(
     report = _report(model, config, cap, train, paths or None, new_params)
     converted = ConvertedModel(tree, cap.train.graph, cap.eval.graph, report)
     converted.train(model.training)
+    passed = time.perf_counter()
     if config.init == "preserve" and (args is not None or kwargs):
         _check_preserved(converted, src, args or (), kwargs)
+    report.seconds = {"capture": captured - started, "passes": passed - captured, "check": time.perf_counter() - passed}
     return converted
