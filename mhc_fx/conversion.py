@@ -189,7 +189,7 @@ def find_residuals(
     """
     config = config or MHCConfig()
     cap = capture(model, _as_args(example_inputs), example_kwargs, dynamic=config.dynamic)
-    a = _analyse(copy.copy(cap.train) if cap.train is model else cap.train, config)
+    a = _analyse(cap.train, config)
     return _report(model, config, cap, a, None, 0)
 
 
@@ -252,7 +252,7 @@ def convert(
     _check_not_converted(model)
     args = _as_args(example_inputs)
     kwargs = example_kwargs or {}
-    src = model if config.inplace or isinstance(model, fx.GraphModule) else copy.deepcopy(model)
+    src = model if config.inplace else copy.deepcopy(model)
     started = time.perf_counter()
     cap = capture(src, args, kwargs, dynamic=config.dynamic)
     captured = time.perf_counter()

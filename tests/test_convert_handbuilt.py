@@ -102,3 +102,12 @@ def test_learned_reduce_has_parameters_and_preserves():
     assert "mhc_streams.0.reduce.weight" in converted.state_dict()
     with torch.no_grad():
         assert rel_err(converted(ids), model(ids)) <= 1e-5
+
+
+def test_non_contiguous_example_input():
+    """torch.export alone mis-guards a sliced example; convert makes examples contiguous."""
+    model = TinyGPT(layers=1).eval()
+    ids = torch.randint(0, 96, (4, 40))
+    converted = mhc_fx.convert(model, (ids[:2, :16],)).eval()
+    with torch.no_grad():
+        assert rel_err(converted(ids), model(ids)) <= 1e-5

@@ -6,11 +6,12 @@ dynamic, then with static shapes. An exported graph bakes the training mode in (
 BatchNorm), so the model is exported once in train and once in eval mode; both graphs read
 the same parameters. Without example inputs, ``torch.fx.symbolic_trace`` is used; its graph
 calls the original submodules and so follows ``.train()``/``.eval()`` by itself. A ready
-``fx.GraphModule`` is taken as it is.
+``fx.GraphModule`` is taken as it is (a copy of it: the passes edit graphs).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 from typing import Any
@@ -77,12 +78,14 @@ def capture(
     """Capture ``model``; raises :class:`CaptureError` naming each failed attempt and the fix."""
     kwargs = kwargs or {}
     if isinstance(model, fx.GraphModule):
-        if args is not None and not _has_shapes(model):
-            ShapeProp(model).propagate(*args)
-        return Capture(model, model, "graph_module", dynamic=not _has_shapes(model), notes=[])
+        gm = copy.deepcopy(model)  # the passes edit the graph; the caller's stays as it was
+        if args is not None and not _has_shapes(gm):
+            ShapeProp(gm).propagate(*args)
+        return Capture(gm, gm, "graph_module", dynamic=not _has_shapes(model), notes=[])
     notes: list[str] = []
     if args is not None or kwargs:
-        args = tuple(args or ())
+        # torch.export emits a broken input guard for a non-contiguous example (e.g. a slice)
+        args, kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.contiguous, (tuple(args or ()), kwargs))
         for dyn in ((True, False) if dynamic else (False,)):
             try:
                 train = _export(model, args, kwargs, dyn, training=True)
