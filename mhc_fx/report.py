@@ -6,7 +6,7 @@ import dataclasses
 import io
 from collections import Counter
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 
 from .passes.residuals import SkippedAdd
@@ -67,34 +67,32 @@ class ConversionReport:
         """How many adds were left alone for each reason."""
         return Counter(s.reason for s in self.skipped)
 
-    def __rich__(self) -> Table:
+    def __rich__(self) -> Group:
         title = (
             f"{self.model}: {self.num_blocks} residual blocks in {self.num_streams} streams → "
             f"{self.method} (n={self.n}); captured by {self.capture}"
             f"{' with dynamic shapes' if self.dynamic else ' with static shapes'}; "
             f"+{self.new_parameters:,} parameters"
         )
-        table = Table(title=title, title_justify="left")
+        blocks = Table(title=title, title_justify="left")
         for col in ("stream", "#", "block", "connection module", "C", "layout"):
-            table.add_column(col)
+            blocks.add_column(col)
         for b in self.blocks:
             layout = "[..., n, C]" if b.feature_dim == -1 else "[B, n, C, ...]"
-            table.add_row(str(b.stream), str(b.index), b.name, b.module or "-", str(b.channels), layout)
-        return table
-
-    def __str__(self) -> str:
-        buf = io.StringIO()
-        console = Console(file=buf, width=130, color_system=None, soft_wrap=True)
-        console.print(self)
+            blocks.add_row(str(b.stream), str(b.index), b.name, b.module or "-", str(b.channels), layout)
+        parts: list = [blocks]
         if self.skipped:
             skipped = Table(title=f"{len(self.skipped)} adds left alone", title_justify="left")
-            skipped.add_column("count")
-            skipped.add_column("reason")
-            skipped.add_column("e.g. (node @ owner)")
+            for col in ("count", "reason", "e.g. (node @ owner)"):
+                skipped.add_column(col)
             for reason, count in self.skipped_reasons().most_common():
                 first = next(s for s in self.skipped if s.reason == reason)
                 skipped.add_row(str(count), reason, f"{first.node} @ {first.owner or '<root>'}")
-            console.print(skipped)
-        for note in self.notes:
-            console.print(f"note: {note}")
+            parts.append(skipped)
+        parts += [f"note: {note}" for note in self.notes]
+        return Group(*parts)
+
+    def __str__(self) -> str:
+        buf = io.StringIO()
+        Console(file=buf, width=130, color_system=None).print(self)
         return buf.getvalue()
