@@ -26,12 +26,14 @@ def main() -> None:
     )
     model = transformers.LlamaForCausalLM(config)
     ids = torch.randint(0, 64, (4, 32))
-    converted = mhc_fx.convert(model, example_kwargs={"input_ids": ids, "use_cache": False}, n=args.n)
+    # the converted model accepts exactly the inputs it was captured with: labels included
+    example = {"input_ids": ids, "labels": ids, "use_cache": False}
+    converted = mhc_fx.convert(model, example_kwargs=example, n=args.n)
     print(converted.report)
 
     with torch.no_grad():
-        ref = model.eval()(input_ids=ids, use_cache=False).logits
-        out = converted.eval()(input_ids=ids, use_cache=False).logits
+        ref = model.eval()(**example).logits
+        out = converted.eval()(**example).logits
     print(f"converted vs original: relative error {float((out - ref).norm() / ref.norm()):.2e}")
 
     # a copy task: the second half of each sequence repeats the first

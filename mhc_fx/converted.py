@@ -9,6 +9,8 @@ plus the new ones, ``.to()`` moves everything once, and optimisers see each para
 
 from __future__ import annotations
 
+import inspect
+
 import torch.fx as fx
 from torch import nn
 
@@ -24,6 +26,7 @@ class ConvertedModel(nn.Module):
     Attributes:
         report: the :class:`~mhc_fx.ConversionReport` of the conversion.
         train_graph / eval_graph: the ``fx.GraphModule`` each mode runs.
+        input_names: the inputs it was captured with (only these are accepted).
     """
 
     def __init__(self, tree: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph, report: ConversionReport):
@@ -35,6 +38,7 @@ class ConvertedModel(nn.Module):
         self.report = report
         self.train_graph = self._bind(train_graph, "Train")
         self.eval_graph = self.train_graph if eval_graph is train_graph else self._bind(eval_graph, "Eval")
+        self.input_names = tuple(inspect.signature(self.train_graph.forward).parameters)
 
     def _bind(self, graph: fx.Graph, mode: str) -> fx.GraphModule:
         """A GraphModule running ``graph`` whose attribute namespace *is* this module's."""
@@ -50,4 +54,10 @@ class ConvertedModel(nn.Module):
             super().__setattr__(name, value)
 
     def forward(self, *args, **kwargs):
+        unknown = [k for k in kwargs if k not in self.input_names]
+        if unknown:
+            raise TypeError(
+                f"the converted model was captured with inputs {self.input_names}; {unknown} were not among "
+                "them. Pass every input you will use in example_inputs/example_kwargs when converting."
+            )
         return (self.train_graph if self.training else self.eval_graph)(*args, **kwargs)

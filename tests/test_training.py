@@ -105,3 +105,9 @@ def test_param_groups_keep_static_mixing_out_of_weight_decay():
     assert static and static <= {id(p) for p in no_decay["params"]}
     assert not static & {id(p) for p in decay["params"]}
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(converted.parameters()))
+
+
+def test_inputs_not_captured_are_a_clear_error():
+    converted = mhc_fx.convert(TinyGPT(layers=1), (_batch()[0],))
+    with pytest.raises(TypeError, match=r"captured with inputs \('ids',\); \['labels'\]"):
+        converted(_batch()[0], labels=_batch()[1])
