@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import time
 from collections import Counter
 from typing import Any
@@ -115,23 +116,46 @@ def _insert_modules(tree: nn.Module, streams: list[Stream], config: MHCConfig) -
 
 
 def _rewrite(a: _Analysis, paths: list[list[str]]) -> None:
-    dead = []
-    for i, (stream, names) in enumerate(zip(a.streams, paths)):
-        dead += rewrite_stream(a.gm, stream, names, f"{STREAMS_MODULE}.{i}.expand", f"{STREAMS_MODULE}.{i}.reduce")
+    dead, replaced = [], {}
+    for i, (stream, names) in enumerate(zip(a.streams, paths)):  # streams are in graph order
+        ends = f"{STREAMS_MODULE}.{i}"
+        dead += rewrite_stream(a.gm, stream, names, f"{ends}.expand", f"{ends}.reduce", replaced)
     erase_dead(a.gm, dead)
 
 
-def _adopt_eval_submodules(tree: nn.Module, eval_gm: fx.GraphModule) -> None:
-    """Submodules only the eval graph calls (export's ``_guards_fn``) join the shared tree."""
-    for node in eval_gm.graph.nodes:
-        if node.op == "call_module":
-            mod = eval_gm.get_submodule(node.target)
-            try:
-                same = tree.get_submodule(node.target) is mod
-            except AttributeError:
-                same = False
-            if not same:
-                node.target = _register(tree, f"{node.target}_eval", mod)
+def _lookup(root: nn.Module, path: str) -> Any:
+    try:
+        return functools.reduce(getattr, path.split("."), root)
+    except AttributeError:
+        return None
+
+
+def _adopt_attributes(tree: nn.Module, gm: fx.GraphModule) -> None:
+    """Make everything ``gm``'s graph reads live in ``tree``, the one namespace both graphs of a
+    :class:`ConvertedModel` share: tensor constants that export lifted onto the graph module as
+    plain attributes become non-persistent buffers, and submodules or constants only the eval
+    graph has (export's ``_guards_fn``) join under a fresh name."""
+    for node in gm.graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        value = _lookup(gm, node.target)
+        *parents, name = node.target.split(".")
+        owner = _lookup(tree, ".".join(parents)) if parents else tree
+        registered = isinstance(owner, nn.Module) and any(
+            getattr(owner, d).get(name) is value for d in ("_parameters", "_buffers", "_modules")
+        )
+        if registered:
+            continue
+        if _lookup(tree, node.target) is value and isinstance(value, torch.Tensor):
+            delattr(owner, name)  # a plain attribute of the tree itself
+            owner.register_buffer(name, value, persistent=False)
+        elif isinstance(value, torch.Tensor):
+            path = _free_path(tree, f"{node.target}_eval")
+            *parents, name = path.split(".")
+            (_lookup(tree, ".".join(parents)) if parents else tree).register_buffer(name, value, persistent=False)
+            node.target = path
+        else:
+            node.target = _register(tree, f"{node.target}_eval", value)
 
 
 def _no_residual_error(model: nn.Module, a: _Analysis) -> ConversionError:
@@ -194,8 +218,11 @@ def find_residuals(
 
 
 def _relative_error(out: Any, ref: Any) -> float:
+    outs, refs = pytree.tree_leaves(out), pytree.tree_leaves(ref)
+    if len(outs) != len(refs):
+        return float("inf")
     worst = 0.0
-    for o, r in zip(pytree.tree_leaves(out), pytree.tree_leaves(ref)):
+    for o, r in zip(outs, refs):
         if isinstance(r, torch.Tensor) and r.is_floating_point():
             denom = r.double().norm().clamp_min(1e-30)
             worst = max(worst, float((o.double() - r.double()).norm() / denom))
@@ -266,8 +293,9 @@ def convert(
             f"({_structure(train)} vs {_structure(evaluation)}); convert a model whose blocks do not depend on the mode"
         )
     tree = cap.train
+    _adopt_attributes(tree, cap.train)
     if cap.eval is not cap.train:
-        _adopt_eval_submodules(tree, cap.eval)
+        _adopt_attributes(tree, cap.eval)
         cap.eval.graph.owning_module = tree  # both graphs resolve names in one tree
     paths, new_modules = [], []
     if config.rewrites:

@@ -61,12 +61,14 @@ def _res_logits(n: int) -> torch.Tensor:
 class Connection(nn.Module):
     """Base of the connection modules: ``forward`` = coefficients + pre-mix, in any layout.
 
-    Subclasses set ``n``, ``channels``, ``stream_dim`` and implement :meth:`coefficients`.
+    Subclasses implement :meth:`coefficients`. The block's mixing ``X_next = H_res·X +
+    H_postᵀ·y`` is the ``post`` submodule, so the rewritten graph calls ``<connection>.post``.
     """
 
-    n: int
-    channels: int
-    stream_dim: int
+    def __init__(self, n: int, channels: int, stream_dim: int) -> None:
+        super().__init__()
+        self.n, self.channels, self.stream_dim = n, channels, stream_dim
+        self.post = PostResMix(stream_dim)
 
     def coefficients(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(H_pre [..., n], H_post [..., n], H_res [..., n, n])`` of a token-layout stream."""
@@ -108,8 +110,7 @@ class MHCConnection(Connection):
         alpha_init: float = 0.01,
         init: str = "preserve",
     ) -> None:
-        super().__init__()
-        self.n, self.channels, self.stream_dim = n, channels, stream_dim
+        super().__init__(n, channels, stream_dim)
         self.sinkhorn_iters, self.eps = sinkhorn_iters, eps
         m = n * n + 2 * n
         self.phi = nn.Parameter(torch.zeros(n * channels, m))
@@ -157,8 +158,8 @@ class HCConnection(Connection):
         eps: float = 1e-6,
         alpha_init: float = 0.01,
     ) -> None:
-        super().__init__()
-        self.n, self.channels, self.stream_dim, self.dynamic, self.eps = n, channels, stream_dim, dynamic, eps
+        super().__init__(n, channels, stream_dim)
+        self.dynamic, self.eps = dynamic, eps
         self.pre_static = nn.Parameter(nn.functional.one_hot(torch.tensor(index % n), n).float())
         self.post_static = nn.Parameter(torch.ones(n))
         self.res_static = nn.Parameter(torch.eye(n))
@@ -193,6 +194,17 @@ def post_res_mix(
     Xt = MF.to_token_layout(X, stream_dim)
     yt = MF.to_token_layout(y.unsqueeze(stream_dim), stream_dim).squeeze(-2)
     return MF.from_token_layout(MF.post_res_mix(Xt, yt, H_post, H_res), stream_dim, X.dim())
+
+
+class PostResMix(nn.Module):
+    """``X_next = H_res·X + H_postᵀ·y`` (:func:`post_res_mix`) for streams at ``stream_dim``."""
+
+    def __init__(self, stream_dim: int) -> None:
+        super().__init__()
+        self.stream_dim = stream_dim
+
+    def forward(self, X: torch.Tensor, y: torch.Tensor, H_post: torch.Tensor, H_res: torch.Tensor) -> torch.Tensor:
+        return post_res_mix(X, y, H_post, H_res, self.stream_dim)
 
 
 class StreamExpand(nn.Module):

@@ -207,6 +207,33 @@ def stream_wise_input(gm: fx.GraphModule, node: fx.Node, feature_dim: int) -> fx
     return None
 
 
+def is_view(node: fx.Node) -> bool:
+    """Whether ``node``'s output aliases its first input (an ATen view such as slice, select,
+    view, transpose, permute, expand, or an in-place op returning its mutated input)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    returns = node.target._schema.returns
+    return bool(returns) and returns[0].alias_info is not None
+
+
+def mutated_input(node: fx.Node) -> fx.Node | None:
+    """The tensor an in-place ATen op writes to (its first argument), else None."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    args = node.target._schema.arguments
+    first = args[0] if args else None
+    if first is None or first.alias_info is None or not first.alias_info.is_write:
+        return None
+    return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+
+
+def alias_base(node: fx.Node) -> fx.Node:
+    """Follow views back to the tensor whose storage they share."""
+    while is_view(node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
 def inplace_to_functional(node: fx.Node):
     """The out-of-place target of an in-place op on an intermediate value, else None."""
     if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):

@@ -75,6 +75,16 @@ def _graph(gm: fx.GraphModule) -> nx.DiGraph:
     return g
 
 
+def mutated_values(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose storage an in-place op left in the graph writes to (through views)."""
+    out = set()
+    for node in gm.graph.nodes:
+        target = ops.mutated_input(node)
+        if target is not None:
+            out.add(ops.alias_base(target))
+    return out
+
+
 def _between(g: nx.DiGraph, nodes: list[fx.Node], order: dict[fx.Node, int], src: fx.Node, dst: fx.Node) -> frozenset[fx.Node]:
     """Nodes on paths from ``src`` to ``dst`` (``dst`` included, ``src`` not); empty when
     ``src`` is not an ancestor of ``dst``. The search stays within the graph-order window
@@ -101,15 +111,37 @@ def _child_of(owner: str, weighted: list[fx.Node]) -> str | None:
     return names.most_common(1)[0][0] if names else None
 
 
+def _static(size) -> int | None:
+    if isinstance(size, torch.SymInt):
+        size = size.node.maybe_as_int()
+    return size if isinstance(size, int) else None
+
+
+def _feature_dim(gm: fx.GraphModule, skip: fx.Node, first_weighted: fx.Node, params: set[fx.Node]) -> int:
+    """The feature axis of a residual stream: 1 (channel-first) or -1 (feature-last).
+
+    The axis whose static size is one of the first weighted op's weight dims (its input
+    features or channels) wins; when both or neither match (or no shapes were recorded), a
+    convolution means channel-first and anything else feature-last.
+    """
+    guess = 1 if ops.is_conv(gm, first_weighted) else -1
+    meta = ops.tensor_meta(skip)
+    weights = [ops.tensor_meta(n) for n in first_weighted.all_input_nodes if n in params]
+    weight_dims = {_static(d) for w in weights if w is not None for d in w.shape}
+    if meta is None or meta.dim() < 3 or not weight_dims:
+        return guess
+    matches = [axis for axis in (1, -1) if _static(meta.shape[axis]) in weight_dims]
+    return matches[0] if len(matches) == 1 else guess
+
+
 def _channels(gm: fx.GraphModule, operands: tuple[fx.Node, fx.Node], first_weighted: fx.Node, feature_dim: int) -> int | None:
     """C: the static feature size of the residual (from either operand's recorded shape, or
     from the first weighted module when no shapes were recorded)."""
     for node in operands:
         meta = ops.tensor_meta(node)
         if meta is not None:
-            c = meta.shape[feature_dim]
-            c = c.node.maybe_as_int() if isinstance(c, torch.SymInt) else c
-            if isinstance(c, int):
+            c = _static(meta.shape[feature_dim])
+            if c is not None:
                 return c
     if any(ops.tensor_meta(n) is not None for n in operands):
         return None  # the feature size is dynamic
@@ -143,6 +175,7 @@ def find_residual_adds(
     weighted = {n for n in gm.graph.nodes if ops.is_weighted(gm, n, params)}
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
+    mutated = mutated_values(gm)
     found: list[Residual] = []
     skipped: list[SkippedAdd] = []
     for node in gm.graph.nodes:
@@ -173,11 +206,14 @@ def find_residual_adds(
                 "branches, or an embedding/mask add): no identity path to keep"
             )
             continue
+        if skip_node in mutated:
+            skip("the skip input is modified in place (e.g. through a slice), so it cannot become a stream")
+            continue
         branch_weights = sorted(branch & weighted, key=order.__getitem__)
         if not branch_weights:
             skip("no trainable weights between the operands (e.g. x + g(x) inside an activation)")
             continue
-        fdim = feature_dim if feature_dim is not None else (1 if ops.is_conv(gm, branch_weights[0]) else -1)
+        fdim = feature_dim if feature_dim is not None else _feature_dim(gm, skip_node, branch_weights[0], params)
         channels = _channels(gm, (branch_out, skip_node), branch_weights[0], fdim)
         if not channels:
             skip("the feature size is unknown or dynamic: pass example_inputs (or set feature_dim)")

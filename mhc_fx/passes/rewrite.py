@@ -17,7 +17,6 @@ import operator
 
 import torch.fx as fx
 
-from ..nn.connections import post_res_mix
 from .streams import Stream
 
 
@@ -27,10 +26,11 @@ def _insert(graph: fx.Graph, after: fx.Node, op: str, target, args) -> fx.Node:
 
 
 class _Reducer:
-    """Lazily inserts one ``reduce`` per stream value that something outside the stream reads."""
+    """Lazily inserts one ``reduce`` per stream value that something outside the stream reads,
+    and records it in ``replaced`` (original node → the node now holding its value)."""
 
-    def __init__(self, graph: fx.Graph, target: str) -> None:
-        self.graph, self.target, self.made = graph, target, {}
+    def __init__(self, graph: fx.Graph, target: str, replaced: dict[fx.Node, fx.Node]) -> None:
+        self.graph, self.target, self.replaced, self.made = graph, target, replaced, {}
 
     def __call__(self, stream_value: fx.Node) -> fx.Node:
         if stream_value not in self.made:
@@ -41,34 +41,48 @@ class _Reducer:
         """Readers of ``original`` not in ``keep`` read the reduced stream instead."""
         for user in list(original.users):
             if user not in keep:
-                user.replace_input_with(original, self(stream_value))
+                self.replaced[original] = self(stream_value)
+                user.replace_input_with(original, self.replaced[original])
 
 
 def rewrite_stream(
-    gm: fx.GraphModule, stream: Stream, connections: list[str], expand: str, reduce: str
+    gm: fx.GraphModule,
+    stream: Stream,
+    connections: list[str],
+    expand: str,
+    reduce: str,
+    replaced: dict[fx.Node, fx.Node],
 ) -> list[fx.Node]:
     """Rewrite one stream in ``gm.graph``; returns the original nodes it made dead.
 
+    Streams must be rewritten in graph order of their first block, sharing ``replaced``: an
+    earlier stream may have replaced a value a later one starts from (a fork) or adds (a
+    residual nested in another's branch).
+
     Args:
-        connections: module path of each block's connection (``len(stream.blocks)``).
+        connections: module path of each block's connection (``len(stream.blocks)``); the
+            block's post/res mixing is its ``post`` submodule.
         expand / reduce: module paths of the stream's :class:`StreamExpand` / :class:`StreamReduce`.
+        replaced: original node → the node holding its value since an earlier rewrite.
     """
-    graph, sd = gm.graph, stream.stream_dim
-    reducer = _Reducer(graph, reduce)
+    graph = gm.graph
+    reducer = _Reducer(graph, reduce, replaced)
     dead: list[fx.Node] = []
-    first = stream.blocks[0].skip
+    first = replaced.get(stream.blocks[0].skip, stream.blocks[0].skip)
     X = _insert(graph, first, "call_module", expand, (first,))
     for k, (block, conn) in enumerate(zip(stream.blocks, connections)):
+        skip = first if k == 0 else block.skip
         pre = _insert(graph, X, "call_module", conn, (X,))
         h = _insert(graph, pre, "call_function", operator.getitem, (pre, 0))
         H_post = _insert(graph, h, "call_function", operator.getitem, (pre, 1))
         H_res = _insert(graph, H_post, "call_function", operator.getitem, (pre, 2))
-        for user in list(block.skip.users):
+        for user in list(skip.users):
             if user in block.branch:
-                user.replace_input_with(block.skip, h)
+                user.replace_input_with(skip, h)
         if k > 0:  # x_k is a stream value now: its other readers get the reduced stream
             reducer.redirect(block.skip, X, keep={block.add})
-        X = _insert(graph, block.add, "call_function", post_res_mix, (X, block.branch_out, H_post, H_res, sd))
+        y = replaced.get(block.branch_out, block.branch_out)
+        X = _insert(graph, block.add, "call_module", f"{conn}.post", (X, y, H_post, H_res))
         original = block.add
         dead.append(original)
         for node in stream.links[k] if k < len(stream.links) else []:

@@ -9,11 +9,12 @@ shortcut, a reshape, a pooling — ends the stream; the next block starts a new 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import torch.fx as fx
 
 from . import ops
-from .residuals import Residual
+from .residuals import Residual, mutated_values
 
 
 @dataclasses.dataclass(eq=False)
@@ -36,15 +37,18 @@ class Stream:
         return -2 if self.feature_dim == -1 else self.feature_dim
 
 
-def _link(gm: fx.GraphModule, start: fx.Node, skips: dict[fx.Node, Residual], feature_dim: int):
-    """Follow stream-wise ops from ``start`` to the skip input of another block."""
+def _link(gm: fx.GraphModule, start: fx.Node, skips: dict[fx.Node, Residual], feature_dim: int, mutated: set[fx.Node]):
+    """Follow stream-wise ops from ``start`` to the skip input of another block (never through a
+    value modified in place)."""
+    if start in mutated:  # later readers see the modified value: the stream ends here
+        return None, []
     if start in skips:
         return skips[start], []
     frontier = [(start, [])]
     while frontier:
         node, path = frontier.pop(0)
         for user in node.users:
-            if ops.stream_wise_input(gm, user, feature_dim) is not node:
+            if ops.stream_wise_input(gm, user, feature_dim) is not node or user in mutated:
                 continue
             if user in skips:
                 return skips[user], path + [user]
@@ -53,12 +57,18 @@ def _link(gm: fx.GraphModule, start: fx.Node, skips: dict[fx.Node, Residual], fe
 
 
 def group_streams(gm: fx.GraphModule, residuals: list[Residual]) -> list[Stream]:
-    """Group ``residuals`` (in graph order) into streams."""
-    skips = {r.skip: r for r in residuals}
+    """Group ``residuals`` (in graph order) into streams.
+
+    A value that is the skip input of several blocks (a fork, ``y + b(y)`` and ``y + c(y)``)
+    continues no stream: the stream before it ends there and each block starts its own.
+    """
+    readers = Counter(r.skip for r in residuals)
+    skips = {r.skip: r for r in residuals if readers[r.skip] == 1}
+    mutated = mutated_values(gm)
     nxt: dict[Residual, tuple[Residual, list[fx.Node]]] = {}
     has_prev: set[Residual] = set()
     for res in residuals:
-        succ, path = _link(gm, res.add, skips, res.feature_dim)
+        succ, path = _link(gm, res.add, skips, res.feature_dim, mutated)
         if succ is None or succ in has_prev or succ.feature_dim != res.feature_dim or succ.channels != res.channels:
             continue
         nxt[res] = (succ, path)
