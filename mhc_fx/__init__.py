@@ -6,6 +6,7 @@ from .config import MHCConfig
 from .conversion import convert, find_residuals
 from .converted import ConvertedModel
 from .errors import CaptureError, ConfigError, ConversionError, MHCError
+from .onnx import ExportError, ExportReport, export_onnx
 from .optim import param_groups
 from .report import BlockReport, ConversionReport
 
@@ -16,6 +17,9 @@ __all__ = [
     "convert",
     "find_residuals",
     "param_groups",
+    "export_onnx",
+    "ExportReport",
+    "ExportError",
     "ConvertedModel",
     "ConversionReport",
     "BlockReport",

@@ -26,3 +26,11 @@ def test_nothing_to_convert_exits_1(capsys):
 def test_bad_spec():
     with pytest.raises(SystemExit, match="module.path:factory"):
         main(["--model", "nonsense"])
+
+
+def test_export_subcommand(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "gpt.onnx"
+    assert main(["export", "--out", str(out), "--functions"]) == 0
+    text = capsys.readouterr().out
+    assert out.exists() and "MHCPre" in text and "ONNX Runtime" in text

@@ -111,7 +111,8 @@ class MHCConnection(Connection):
         init: str = "preserve",
     ) -> None:
         super().__init__(n, channels, stream_dim)
-        self.sinkhorn_iters, self.eps = sinkhorn_iters, eps
+        self.eps = eps
+        self.sinkhorn = Sinkhorn(sinkhorn_iters)
         m = n * n + 2 * n
         self.phi = nn.Parameter(torch.zeros(n * channels, m))
         self.alpha = nn.Parameter(torch.full((3,), float(alpha_init)))
@@ -126,16 +127,14 @@ class MHCConnection(Connection):
 
     def coefficients(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(H_pre [..., n], H_post [..., n], H_res [..., n, n])`` of a token-layout stream."""
-        return MF.mhc_coefficients(
-            X, self.phi, self.alpha, self.bias, sinkhorn_iters=self.sinkhorn_iters, eps=self.eps
-        )
+        return MF.mhc_coefficients(X, self.phi, self.alpha, self.bias, eps=self.eps, project_res=self.sinkhorn)
 
     def no_weight_decay(self) -> set[str]:
         """Static parameters (HC paper §4: no weight decay on the static mixing parts)."""
         return {"alpha", "bias"}
 
     def extra_repr(self) -> str:
-        return f"n={self.n}, channels={self.channels}, stream_dim={self.stream_dim}, sinkhorn_iters={self.sinkhorn_iters}"
+        return f"n={self.n}, channels={self.channels}, stream_dim={self.stream_dim}"
 
 
 class HCConnection(Connection):
@@ -194,6 +193,21 @@ def post_res_mix(
     Xt = MF.to_token_layout(X, stream_dim)
     yt = MF.to_token_layout(y.unsqueeze(stream_dim), stream_dim).squeeze(-2)
     return MF.from_token_layout(MF.post_res_mix(Xt, yt, H_post, H_res), stream_dim, X.dim())
+
+
+class Sinkhorn(nn.Module):
+    """Sinkhorn-Knopp projection :func:`~mhc_fx.nn.functional.sinkhorn` with ``iters``
+    iterations: logits ``[..., n, n]`` → doubly stochastic ``[..., n, n]``."""
+
+    def __init__(self, iters: int) -> None:
+        super().__init__()
+        self.iters = iters
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return MF.sinkhorn(logits, self.iters)
+
+    def extra_repr(self) -> str:
+        return f"iters={self.iters}"
 
 
 class PostResMix(nn.Module):

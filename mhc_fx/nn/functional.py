@@ -18,6 +18,8 @@ A residual block ``x_{l+1} = x_l + F(x_l)`` becomes::
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -71,6 +73,7 @@ def mhc_coefficients(
     *,
     sinkhorn_iters: int = 20,
     eps: float = 1e-6,
+    project_res: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mHC mapping coefficients (mHC Eq. 7–9, RMSNorm reordered as in §4.3.1).
 
@@ -86,6 +89,8 @@ def mhc_coefficients(
         bias: ``[n*n + 2n]``.
         sinkhorn_iters: ``t_max``.
         eps: added to the mean square before the square root.
+        project_res: computes ``Sinkhorn(·, sinkhorn_iters)`` instead of :func:`sinkhorn` (a
+            module doing the same, so traced graphs show it as its own scope).
 
     Returns:
         ``(H_pre [..., n], H_post [..., n], H_res [..., n, n])`` in the compute dtype.
@@ -101,7 +106,8 @@ def mhc_coefficients(
     h_pre, h_post, h_res = h.split([n, n, n * n], dim=-1)
     H_pre = torch.sigmoid(h_pre)
     H_post = 2.0 * torch.sigmoid(h_post)
-    H_res = sinkhorn(h_res.unflatten(-1, (n, n)), sinkhorn_iters)
+    logits = h_res.unflatten(-1, (n, n))
+    H_res = project_res(logits) if project_res is not None else sinkhorn(logits, sinkhorn_iters)
     return H_pre, H_post, H_res
 
 

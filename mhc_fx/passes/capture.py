@@ -44,7 +44,7 @@ class Capture:
     notes: list[str]
 
 
-def _auto_dims(args: tuple, kwargs: dict, fn) -> dict[str, Any]:
+def auto_dims(args: tuple, kwargs: dict, fn) -> dict[str, Any]:
     """``Dim.AUTO`` on every dim of every tensor input, keyed by forward's parameter names."""
     bound = inspect.signature(fn).bind(*args, **kwargs)
 
@@ -60,7 +60,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, training
     was = model.training
     model.train(training)
     try:
-        shapes = _auto_dims(args, kwargs, model.forward) if dynamic else None
+        shapes = auto_dims(args, kwargs, model.forward) if dynamic else None
         ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
     finally:
         model.train(was)
