@@ -1,107 +1,125 @@
-"""``mhc-fx``: convert a model and show what was converted; export it to ONNX.
+"""``mhc-fx``: the command line.
 
-    mhc-fx                                   # the embedded default: a small GPT, mHC n=4
-    mhc-fx --model mypkg.models:build --input-shape 2,3,224,224 --method hc --n 2
-    mhc-fx export --out gpt_mhc.onnx [--functions]
+    mhc-fx demo [--steps 300] [--n 4] [--layers 12] [--device cpu] [--out mhc_demo]
+    mhc-fx inspect SPEC                     # what would be converted, as tables
+    mhc-fx convert SPEC --out DIR           # converted weights (safetensors) + config
+    mhc-fx export SPEC --out FILE.onnx      # converted model → ONNX, checked in ONNX Runtime
 
-With no arguments it builds :class:`mhc_fx.zoo.TinyGPT`, converts it, prints the conversion
-report and checks that the converted model computes the original function on fresh inputs.
+SPEC is ``timm:NAME``, ``hf:MODEL_TYPE`` (random weights from a small config), ``hf:PATH`` (a
+local directory with config and weights) or ``module.path:factory``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
+import dataclasses
+import json
+import pathlib
 import sys
 
 import torch
 from rich.console import Console
 
 from .config import METHODS, MHCConfig
-from .conversion import convert
+from .conversion import convert, find_residuals
 from .errors import MHCError
-from .onnx import export_onnx
-
-DEFAULT_MODEL = "mhc_fx.zoo:TinyGPT"
+from .specs import SpecError, load
 
 
-def _load(spec: str):
-    module, sep, attr = spec.partition(":")
-    if not sep or not module or not attr:
-        raise SystemExit(f"mhc-fx: --model must be 'module.path:factory', got {spec!r}")
-    if os.getcwd() not in sys.path:  # like `python -m`: modules of the working directory load
-        sys.path.insert(0, os.getcwd())
-    try:
-        return getattr(importlib.import_module(module), attr)()
-    except (ImportError, AttributeError) as err:
-        raise SystemExit(f"mhc-fx: cannot load {spec!r}: {err}") from err
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    return tuple(int(d) for d in text.split(",")) if text else None
 
 
-def _example(model: torch.nn.Module, shape: str | None, batch: int) -> torch.Tensor:
-    if shape is None:  # a token model: ids [batch, 16] within its embedding's vocabulary
-        emb = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
-        if emb is None:
-            raise SystemExit("mhc-fx: the model has no nn.Embedding; give --input-shape (e.g. 2,3,224,224)")
-        return torch.randint(0, emb.num_embeddings, (batch, 16))
-    dims = [int(d) for d in shape.split(",")]
-    return torch.randn(batch, *dims[1:])
+def _config(args) -> MHCConfig:
+    return MHCConfig(n=args.n, method=args.method)
 
 
-def _convert(args, console: Console):
-    torch.manual_seed(0)
-    model = _load(args.model).eval()
-    config = MHCConfig(n=args.n, method=args.method)
-    return model, convert(model, (_example(model, args.input_shape, 2),), config=config).eval()
+def _inspect(args, console: Console) -> None:
+    model, ex_args, ex_kwargs = load(args.spec, _shape(args.input_shape))
+    console.print(find_residuals(model, ex_args, ex_kwargs, config=_config(args)))
 
 
-def _run_convert(args, console: Console) -> None:
-    model, converted = _convert(args, console)
+def _convert(args, console: Console) -> None:
+    model, ex_args, ex_kwargs = load(args.spec, _shape(args.input_shape))
+    config = _config(args)
+    converted = convert(model, ex_args, ex_kwargs, config=config)
     console.print(converted.report)
-    x = _example(model, args.input_shape, 3)
-    with torch.no_grad():
-        out, ref = converted(x), model(x)
-    err = float((out - ref).norm() / ref.norm())
-    console.print(f"function preserved on a fresh input of shape {tuple(x.shape)}: relative error {err:.2e}")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in converted.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    meta = {
+        "spec": args.spec,
+        "config": dataclasses.asdict(config),
+        "blocks": [dataclasses.asdict(b) for b in converted.report.blocks],
+    }
+    (out / "mhc_config.json").write_text(json.dumps(meta, indent=2))
+    console.print(f"wrote {out / 'model.safetensors'} ({len(state)} tensors) and {out / 'mhc_config.json'}")
 
 
-def _run_export(args, console: Console) -> None:
-    model, converted = _convert(args, console)
-    report = export_onnx(
-        converted, (_example(model, args.input_shape, 2),), args.out, functions=args.functions, verify=not args.no_verify
-    )
+def _export(args, console: Console) -> None:
+    from .onnx import export_onnx
+
+    model, ex_args, ex_kwargs = load(args.spec, _shape(args.input_shape))
+    converted = convert(model, ex_args, ex_kwargs, config=_config(args))
+    report = export_onnx(converted, ex_args, args.out, example_kwargs=ex_kwargs, functions=args.functions, verify=not args.no_verify)
     console.print(f"wrote {report.path}: opset {report.opset}, {report.nodes} nodes, inputs {report.inputs}")
     if report.functions:
         console.print(f"mhc_fx local functions (calls): {report.functions}")
     for check in report.checks:
         console.print(
-            f"ONNX Runtime ({report.provider}) vs PyTorch on {check.shapes}: "
-            f"max abs {check.max_abs:.2e}, relative {check.max_rel:.2e}"
+            f"ONNX Runtime ({report.provider}) vs PyTorch on {check.shapes}: max abs {check.max_abs:.2e}, relative {check.max_rel:.2e}"
         )
 
 
+def _demo(args, console: Console) -> None:
+    from .demo import DemoSettings, run_demo
+
+    run_demo(
+        DemoSettings(steps=args.steps, n=args.n, layers=args.layers, device=args.device, out=pathlib.Path(args.out),
+                     onnx=not args.no_onnx),
+        console,
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mhc-fx", description="Convert residual connections to mHC/HC; inspect, export, demo.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,inspect,convert,export}")
+    spec = argparse.ArgumentParser(add_help=False)
+    spec.add_argument("spec", help="timm:NAME | hf:MODEL_TYPE | hf:PATH | module.path:factory")
+    spec.add_argument("--input-shape", help="example input shape, comma separated (default: from the spec)")
+    spec.add_argument("--method", default="mhc", choices=METHODS)
+    spec.add_argument("--n", type=int, default=4)
+    sub.add_parser("inspect", parents=[spec], help="print the conversion report as tables").set_defaults(run=_inspect)
+    c = sub.add_parser("convert", parents=[spec], help="save the converted weights (safetensors) and config")
+    c.add_argument("--out", required=True, help="output directory")
+    c.set_defaults(run=_convert)
+    e = sub.add_parser("export", parents=[spec], help="convert, export to ONNX, check in ONNX Runtime")
+    e.add_argument("--out", default="model.onnx", help="the ONNX file (default: %(default)s)")
+    e.add_argument("--functions", action="store_true", help="fold connections into mhc_fx ONNX functions")
+    e.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check")
+    e.set_defaults(run=_export)
+    d = sub.add_parser("demo", help="residual vs HC vs mHC on a deep GPT: table, plots, ONNX")
+    d.add_argument("--steps", type=int, default=300)
+    d.add_argument("--n", type=int, default=4)
+    d.add_argument("--layers", type=int, default=12)
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--out", default="mhc_demo", help="directory for plots and the ONNX file (default: %(default)s)")
+    d.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    d.set_defaults(run=_demo)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mhc-fx", description=__doc__.splitlines()[0])
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default=DEFAULT_MODEL, help="factory 'module.path:callable' (default: %(default)s)")
-    common.add_argument("--input-shape", help="example input shape, comma separated (default: token ids [2, 16])")
-    common.add_argument("--method", default="mhc", choices=METHODS)
-    common.add_argument("--n", type=int, default=4)
-    sub = parser.add_subparsers(dest="command", metavar="{convert,export}")
-    sub.add_parser("convert", parents=[common], help="convert and check (the default)")
-    export = sub.add_parser("export", parents=[common], help="convert, export to ONNX, check in ONNX Runtime")
-    export.add_argument("--out", default="model.onnx", help="the ONNX file (default: %(default)s)")
-    export.add_argument("--functions", action="store_true", help="fold connections into mhc_fx ONNX functions")
-    export.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-        argv = ["convert", *argv]
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     console = Console()
+    torch.manual_seed(0)
     try:
-        {"convert": _run_convert, "export": _run_export}[args.command](args, console)
-    except MHCError as err:
-        console.print(f"mhc-fx: {err}")
+        args.run(args, console)
+    except (MHCError, SpecError) as err:
+        console.print(f"mhc-fx: {err}", soft_wrap=True)
         return 1
     return 0
 

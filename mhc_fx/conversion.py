@@ -60,16 +60,20 @@ def _block_reports(streams: list[Stream], modules: list[list[str]] | None) -> li
     ]
 
 
+def _lookup(root: nn.Module, path: str) -> Any:
+    try:
+        return functools.reduce(getattr, path.split("."), root)
+    except AttributeError:
+        return None
+
+
 def _free_path(tree: nn.Module, path: str) -> str:
     """``path`` or ``path_2``, ``path_3``... — the first name not taken in ``tree``."""
     candidate, i = path, 1
-    while True:
-        try:
-            tree.get_submodule(candidate)
-        except AttributeError:
-            return candidate
+    while _lookup(tree, candidate) is not None:
         i += 1
         candidate = f"{path}_{i}"
+    return candidate
 
 
 def _register(tree: nn.Module, path: str, module: nn.Module) -> str:
@@ -123,39 +127,26 @@ def _rewrite(a: _Analysis, paths: list[list[str]]) -> None:
     erase_dead(a.gm, dead)
 
 
-def _lookup(root: nn.Module, path: str) -> Any:
-    try:
-        return functools.reduce(getattr, path.split("."), root)
-    except AttributeError:
-        return None
-
-
 def _adopt_attributes(tree: nn.Module, gm: fx.GraphModule) -> None:
-    """Make everything ``gm``'s graph reads live in ``tree``, the one namespace both graphs of a
-    :class:`ConvertedModel` share: tensor constants that export lifted onto the graph module as
-    plain attributes become non-persistent buffers, and submodules or constants only the eval
-    graph has (export's ``_guards_fn``) join under a fresh name."""
+    """Make every tensor ``gm``'s graph reads live in ``tree``, the one namespace both graphs of
+    a :class:`ConvertedModel` share: tensor constants that export lifted onto the graph module
+    as plain attributes become non-persistent buffers (the eval graph's under a fresh name)."""
     for node in gm.graph.nodes:
-        if node.op not in ("get_attr", "call_module"):
+        if node.op != "get_attr":
             continue
         value = _lookup(gm, node.target)
         *parents, name = node.target.split(".")
         owner = _lookup(tree, ".".join(parents)) if parents else tree
-        registered = isinstance(owner, nn.Module) and any(
-            getattr(owner, d).get(name) is value for d in ("_parameters", "_buffers", "_modules")
-        )
-        if registered:
+        if isinstance(owner, nn.Module) and (owner._parameters.get(name) is value or owner._buffers.get(name) is value):
             continue
-        if _lookup(tree, node.target) is value and isinstance(value, torch.Tensor):
+        if _lookup(tree, node.target) is value:
             delattr(owner, name)  # a plain attribute of the tree itself
             owner.register_buffer(name, value, persistent=False)
-        elif isinstance(value, torch.Tensor):
+        else:
             path = _free_path(tree, f"{node.target}_eval")
             *parents, name = path.split(".")
             (_lookup(tree, ".".join(parents)) if parents else tree).register_buffer(name, value, persistent=False)
             node.target = path
-        else:
-            node.target = _register(tree, f"{node.target}_eval", value)
 
 
 def _no_residual_error(model: nn.Module, a: _Analysis) -> ConversionError:

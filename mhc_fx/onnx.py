@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .errors import MHCError
-from .passes.capture import auto_dims
+from .passes.capture import auto_dims, contiguous_inputs
 
 #: relative error allowed between ONNX Runtime and PyTorch
 VERIFY_TOLERANCE = 1e-4
@@ -166,7 +166,7 @@ def export_onnx(
     if verify:
         _require("onnxruntime", "onnx", "verify=True (running the file in ONNX Runtime)")
     args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    args, kwargs = tuple(args), dict(example_kwargs or {})
+    args, kwargs = contiguous_inputs(tuple(args), dict(example_kwargs or {}))
     was = model.training
     model.eval()
     try:

@@ -1,36 +1,76 @@
-"""The ``mhc-fx`` command."""
+"""The ``mhc-fx`` command: demo, inspect, convert, export."""
+
+import json
 
 import pytest
+import torch
 
 from mhc_fx.cli import main
 
+pytestmark = pytest.mark.slow
 
-def test_default_job_converts_the_embedded_model(capsys):
-    assert main([]) == 0
+
+def test_demo_small(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("onnxruntime")
+    assert main(["demo", "--steps", "30", "--layers", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "TinyGPT: 8 residual blocks in 1 streams → mhc (n=4)" in out
-    err = float(out.rsplit("relative error", 1)[1])
-    assert err <= 1e-5
+    for method in ("residual", "hc", "mhc"):
+        assert method in out
+    for png in ("loss.png", "gain.png"):
+        data = (tmp_path / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert (tmp_path / "mhc.onnx").exists() and "verified in ONNX Runtime on 2 shapes" in out
 
 
-def test_factory_spec_and_input_shape(capsys):
-    assert main(["--model", "tests.models:TinyResNet", "--input-shape", "2,3,8,8", "--n", "2", "--method", "hc"]) == 0
-    assert "3 residual blocks in 2 streams → hc (n=2)" in capsys.readouterr().out
+@pytest.mark.parametrize(
+    "spec,expect",
+    [
+        ("timm:resnet18", "ResNet: 5 residual blocks"),
+        ("hf:gpt2", "GPT2Model: 4 residual blocks"),
+        ("tests.models:PostNorm", "PostNorm: 3 residual blocks"),
+    ],
+)
+def test_inspect_spec_forms(spec, expect, capsys):
+    args = ["inspect", spec] + (["--input-shape", "2,7,16"] if spec.startswith("tests.") else [])
+    assert main(args) == 0
+    assert expect in capsys.readouterr().out
 
 
-def test_nothing_to_convert_exits_1(capsys):
-    assert main(["--model", "tests.models:NoResidual", "--input-shape", "2,16"]) == 1
-    assert "no residual connection" in capsys.readouterr().out
+def test_inspect_local_hf_directory(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, vocab_size=100)
+    transformers.BertModel(config).save_pretrained(tmp_path)
+    assert main(["inspect", f"hf:{tmp_path}"]) == 0
+    assert "BertModel: 4 residual blocks" in capsys.readouterr().out
 
 
-def test_bad_spec():
-    with pytest.raises(SystemExit, match="module.path:factory"):
-        main(["--model", "nonsense"])
+def test_convert_saves_safetensors_and_config(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    assert main(["convert", "mhc_fx.zoo:TinyGPT", "--n", "2", "--out", str(tmp_path)]) == 0
+    state = load_file(str(tmp_path / "model.safetensors"))
+    assert "blocks.0.attn_mhc.phi" in state and state["blocks.0.attn_mhc.phi"].shape == (2 * 64, 8)
+    meta = json.loads((tmp_path / "mhc_config.json").read_text())
+    assert meta["config"]["n"] == 2 and len(meta["blocks"]) == 8
 
 
 def test_export_subcommand(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     out = tmp_path / "gpt.onnx"
-    assert main(["export", "--out", str(out), "--functions"]) == 0
+    assert main(["export", "tests.models:PostNorm", "--input-shape", "2,7,16", "--out", str(out), "--functions"]) == 0
     text = capsys.readouterr().out
     assert out.exists() and "MHCPre" in text and "ONNX Runtime" in text
+
+
+@pytest.mark.parametrize("spec", ["nonsense", "timm:", "hf:not_a_model_type", "no.such.module:f"])
+def test_bad_spec_is_one_line(spec, capsys):
+    assert main(["inspect", spec]) == 1
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1 and "timm:NAME" in out and "module.path:factory" in out
+
+
+def test_nothing_to_convert_exits_1(capsys):
+    assert main(["inspect", "tests.models:NoResidual", "--input-shape", "2,16"]) == 0  # analysis only
+    assert main(["convert", "tests.models:NoResidual", "--input-shape", "2,16", "--out", "/tmp/never"]) == 1
+    assert "no residual connection" in capsys.readouterr().out

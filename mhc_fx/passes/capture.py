@@ -44,6 +44,12 @@ class Capture:
     notes: list[str]
 
 
+def contiguous_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The example inputs with every tensor contiguous: torch.export emits a broken input guard
+    for a non-contiguous example (e.g. a slice ``ids[:, :-1]``)."""
+    return pytree.tree_map_only(torch.Tensor, torch.Tensor.contiguous, (args, kwargs))
+
+
 def auto_dims(args: tuple, kwargs: dict, fn) -> dict[str, Any]:
     """``Dim.AUTO`` on every dim of every tensor input, keyed by forward's parameter names."""
     bound = inspect.signature(fn).bind(*args, **kwargs)
@@ -64,7 +70,20 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, training
         ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
     finally:
         model.train(was)
-    return ep.module()
+    return _without_input_guards(ep.module())
+
+
+def _without_input_guards(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop the input-guard call export inserts (``_guards_fn``): its generated code breaks on
+    re-tracing (torch.onnx, torch.export of the converted model), and without it the converted
+    model, like the original, raises where its own code rejects an input."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    gm.recompile()
+    return gm
 
 
 def _summary(err: BaseException) -> str:
@@ -84,8 +103,7 @@ def capture(
         return Capture(gm, gm, "graph_module", dynamic=not _has_shapes(model), notes=[])
     notes: list[str] = []
     if args is not None or kwargs:
-        # torch.export emits a broken input guard for a non-contiguous example (e.g. a slice)
-        args, kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.contiguous, (tuple(args or ()), kwargs))
+        args, kwargs = contiguous_inputs(tuple(args or ()), kwargs)
         for dyn in ((True, False) if dynamic else (False,)):
             try:
                 train = _export(model, args, kwargs, dyn, training=True)
