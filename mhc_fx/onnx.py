@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .errors import MHCError
+from .converted import ConvertedModel
 from .passes.capture import auto_dims, contiguous_inputs
 
 #: relative error allowed between ONNX Runtime and PyTorch
@@ -62,6 +63,12 @@ class ExportReport:
 def _require(module: str, extra: str, purpose: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise ExportError(f"{purpose} needs the '{module}' package: pip install 'mhc_fx[{extra}]'")
+
+
+def _dim(d) -> int | str:
+    """An ONNX input dim: an int when static, its symbol's name when dynamic."""
+    text = str(d)
+    return int(text) if text.isdigit() else text
 
 
 def _failing_op(err: BaseException) -> str:
@@ -170,9 +177,12 @@ def export_onnx(
     was = model.training
     model.eval()
     try:
-        shapes = auto_dims(args, kwargs, model.forward) if dynamic else None
+        # a converted model's eval graph has the original's signature (the wrapper takes
+        # *args/**kwargs, for which export writes input guards it cannot run again)
+        traced = model.eval_graph if isinstance(model, ConvertedModel) else model
+        shapes = auto_dims(args, kwargs, traced.forward) if dynamic else None
         try:
-            ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+            ep = torch.export.export(traced, args, kwargs, dynamic_shapes=shapes, strict=False)
         except Exception as err:
             raise ExportError(
                 f"torch.export of {type(model).__name__} failed at op {_failing_op(err)}: {_first_line(err)}"
@@ -201,7 +211,7 @@ def export_onnx(
         report = ExportReport(
             path=path,
             opset=program.model.opset_imports.get("", 0),
-            inputs={v.name: [d if isinstance(d, int) else str(d) for d in v.shape] for v in graph.inputs},
+            inputs={v.name: [_dim(d) for d in v.shape] for v in graph.inputs},
             nodes=len(graph),
             functions=dict(calls),
         )
