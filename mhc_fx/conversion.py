@@ -128,18 +128,24 @@ def _rewrite(a: _Analysis, paths: list[list[str]]) -> None:
 
 
 def _adopt_attributes(tree: nn.Module, gm: fx.GraphModule) -> None:
-    """Make every tensor ``gm``'s graph reads live in ``tree``, the one namespace both graphs of
+    """Make everything ``gm``'s graph reads live in ``tree``, the one namespace both graphs of
     a :class:`ConvertedModel` share: tensor constants that export lifted onto the graph module
-    as plain attributes become non-persistent buffers (the eval graph's under a fresh name)."""
+    as plain attributes become non-persistent buffers, and what only the eval graph has (its
+    constants, the subgraphs of higher-order ops such as autocast regions) joins under a fresh
+    name."""
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue
         value = _lookup(gm, node.target)
         *parents, name = node.target.split(".")
         owner = _lookup(tree, ".".join(parents)) if parents else tree
-        if isinstance(owner, nn.Module) and (owner._parameters.get(name) is value or owner._buffers.get(name) is value):
+        if isinstance(owner, nn.Module) and any(
+            getattr(owner, d).get(name) is value for d in ("_parameters", "_buffers", "_modules")
+        ):
             continue
-        if _lookup(tree, node.target) is value:
+        if isinstance(value, nn.Module):
+            node.target = _register(tree, f"{node.target}_eval", value)
+        elif _lookup(tree, node.target) is value:
             delattr(owner, name)  # a plain attribute of the tree itself
             owner.register_buffer(name, value, persistent=False)
         else:
