@@ -85,22 +85,15 @@ def tensor_meta(node: object) -> torch.Tensor | None:
 
 def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     """``(lhs, rhs)`` if ``node`` adds two graph tensors with alpha 1, else None."""
-    if node.op == "call_function" and node.target in ADD_TARGETS:
-        pass
-    elif node.op == "call_method" and node.target in ADD_METHODS:
-        pass
-    else:
-        return None
-    if len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+    is_add = (node.op == "call_function" and node.target in ADD_TARGETS) or (
+        node.op == "call_method" and node.target in ADD_METHODS
+    )
+    if not is_add or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
         return None
     lhs, rhs = node.args
     if isinstance(lhs, fx.Node) and isinstance(rhs, fx.Node):
         return lhs, rhs
     return None
-
-
-def is_inplace_add(node: fx.Node) -> bool:
-    return node.target in (aten.add_.Tensor, operator.iadd, "add_", "__iadd__")
 
 
 def passthrough_input(node: fx.Node) -> fx.Node | None:
