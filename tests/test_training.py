@@ -111,3 +111,22 @@ def test_inputs_not_captured_are_a_clear_error():
     converted = mhc_fx.convert(TinyGPT(layers=1), (_batch()[0],))
     with pytest.raises(TypeError, match=r"captured with inputs \('ids',\); \['labels'\]"):
         converted(_batch()[0], labels=_batch()[1])
+
+
+def test_compiles_without_graph_breaks():
+    ids = _batch()[0]
+    converted = mhc_fx.convert(TinyGPT(layers=1, dim=32), (ids,))
+    compiled = torch.compile(converted, backend="aot_eager", fullgraph=True)
+    out = compiled(ids)
+    out.square().mean().backward()
+    assert torch.equal(out.detach(), converted(ids).detach())
+    assert all(p.grad is not None for p in converted.parameters())
+
+
+def test_bfloat16_model_keeps_fp32_coefficients():
+    ids = _batch()[0]
+    model = TinyGPT(layers=1, dim=32).eval()
+    converted = mhc_fx.convert(model, (ids,)).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        out, ref = converted(ids), model.to(torch.bfloat16)(ids)
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) <= 2e-2
