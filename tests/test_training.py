@@ -123,7 +123,7 @@ def test_compiles_without_graph_breaks():
     assert all(p.grad is not None for p in converted.parameters())
 
 
-def test_bfloat16_model_keeps_fp32_coefficients():
+def test_bfloat16_model_stays_close_to_the_bfloat16_original():
     ids = _batch()[0]
     model = TinyGPT(layers=1, dim=32).eval()
     converted = mhc_fx.convert(model, (ids,)).to(torch.bfloat16).eval()
