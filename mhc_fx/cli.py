@@ -1,6 +1,6 @@
 """``mhc-fx``: the command line.
 
-    mhc-fx demo [--steps 200] [--n 4] [--layers 12] [--device cpu] [--out mhc_demo]
+    mhc-fx demo [--steps 150] [--n 4] [--layers 12] [--device cpu] [--out mhc_demo]
     mhc-fx inspect SPEC                     # what would be converted, as tables
     mhc-fx convert SPEC --out DIR           # converted weights (safetensors) + config
     mhc-fx export SPEC --out FILE.onnx      # converted model → ONNX, checked in ONNX Runtime
@@ -102,7 +102,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check")
     e.set_defaults(run=_export)
     d = sub.add_parser("demo", help="residual vs HC vs mHC on a deep GPT: table, plots, ONNX")
-    d.add_argument("--steps", type=int, default=200)
+    d.add_argument("--steps", type=int, default=150)
     d.add_argument("--n", type=int, default=4)
     d.add_argument("--layers", type=int, default=12)
     d.add_argument("--device", default="cpu")

@@ -33,7 +33,7 @@ METHODS = ("residual", "hc", "mhc")
 class DemoSettings:
     """The demo's knobs (defaults finish in a few minutes on 2 CPU cores)."""
 
-    steps: int = 200
+    steps: int = 150
     n: int = 4
     layers: int = 12
     dim: int = 64
