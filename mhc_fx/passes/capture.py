@@ -98,9 +98,10 @@ def capture(
     kwargs = kwargs or {}
     if isinstance(model, fx.GraphModule):
         gm = copy.deepcopy(model)  # the passes edit the graph; the caller's stays as it was
-        if args is not None and not _has_shapes(gm):
+        shaped = _has_shapes(gm)
+        if args is not None and not shaped:
             ShapeProp(gm).propagate(*args)
-        return Capture(gm, gm, "graph_module", dynamic=not _has_shapes(model), notes=[])
+        return Capture(gm, gm, "graph_module", dynamic=not shaped, notes=[])
     notes: list[str] = []
     if args is not None or kwargs:
         args, kwargs = contiguous_inputs(tuple(args or ()), kwargs)

@@ -99,11 +99,10 @@ def _fold(model: ir.Model, nodes: list[ir.Node], name: str, scope: tuple[str, ..
     else:
         fn_name, new_function = bodies[key], False
     call = ir.Node(DOMAIN, fn_name, inputs=inputs, num_outputs=len(outputs), name=f"{'/'.join(scope)}/{fn_name}")
+    # the call belongs to the enclosing part, if any (Sinkhorn inside MHCPre)
+    classes = ast.literal_eval(nodes[0].metadata_props.get(CLASSES, "[]"))
     call.metadata_props[SCOPES] = repr(list(scope[:-1]))
-    call.metadata_props[CLASSES] = nodes[0].metadata_props.get(CLASSES, "[]")
-    if scope[:-1]:  # the call belongs to the enclosing part (Sinkhorn inside MHCPre)
-        classes = ast.literal_eval(call.metadata_props[CLASSES])
-        call.metadata_props[CLASSES] = repr(classes[: len(scope) - 1])
+    call.metadata_props[CLASSES] = repr(classes[: len(scope) - 1])
     for old, new in zip(outputs, call.outputs):
         new.name, new.type, new.shape = old.name + "_call", old.type, old.shape
         for user, idx in list(old.uses()):
