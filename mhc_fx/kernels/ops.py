@@ -1,0 +1,256 @@
+"""The fused mHC ops, registered as ``torch.library`` custom ops in namespace ``mhc_fx``.
+
+=====================================  ==========================================================
+``torch.ops.mhc_fx.mhc_pre``           ``(X, φ, α, b, iters, eps) → (h, H_pre, H_post, H_res)``
+``torch.ops.mhc_fx.post_res``          ``(X, y, H_post, H_res) → X_next``
+``torch.ops.mhc_fx.post_res_pre``      post_res of block l, then mhc_pre of block l+1 on its
+                                       output: ``→ (X_next, h, H_pre, H_post, H_res)``
+``…_backward``                         their gradients (ops too, so compiled graphs keep them)
+=====================================  ==========================================================
+
+Streams are ``X [..., n, C]`` (any leading dims, flattened to T tokens), ``y``/``h [..., C]``;
+coefficients ``H_pre``/``H_post [..., n]``, ``H_res [..., n, n]`` in float32 (float64 for
+float64 streams); ``φ [nC, n²+2n]``, ``α [3]``, ``b [n²+2n]``; 1 ≤ n ≤ 8. Stream dtypes:
+float32, float16, bfloat16 (and float64, for gradcheck).
+
+Each op runs the Triton kernels on CUDA, and on CPU under ``TRITON_INTERPRET=1``; elsewhere
+it runs :mod:`mhc_fx.kernels.reference`, which computes the same function. Gradients are
+first order (no double backward).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..nn.functional import compute_dtype
+from . import reference, runtime
+
+MAX_STREAMS = 8
+
+
+def _check_stream(X: Tensor, op: str) -> None:
+    if X.dim() < 2:
+        raise ValueError(f"mhc_fx.{op}: X must be [..., n, C], got shape {tuple(X.shape)}")
+    if not 1 <= X.shape[-2] <= MAX_STREAMS:
+        raise ValueError(f"mhc_fx.{op}: the kernels support 1 ≤ n ≤ {MAX_STREAMS} streams, got n={X.shape[-2]}")
+    if X.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"mhc_fx.{op}: X must be float32, float16, bfloat16 or float64, got {X.dtype}")
+
+
+def _check_pre(X: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int) -> None:
+    _check_stream(X, "mhc_pre")
+    n, C = X.shape[-2:]
+    K = n * n + 2 * n
+    if tuple(phi.shape) != (n * C, K):
+        raise ValueError(f"mhc_fx.mhc_pre: phi must be [n*C, n*n+2n] = [{n * C}, {K}], got {tuple(phi.shape)}")
+    if tuple(alpha.shape) != (3,) or tuple(bias.shape) != (K,):
+        raise ValueError(
+            f"mhc_fx.mhc_pre: alpha must be [3] and bias [{K}], got {tuple(alpha.shape)} and {tuple(bias.shape)}"
+        )
+    if iters < 1:
+        raise ValueError(f"mhc_fx.mhc_pre: iters (Sinkhorn iterations) must be ≥ 1, got {iters}")
+
+
+def _check_post(X: Tensor, y: Tensor, H_post: Tensor, H_res: Tensor) -> None:
+    _check_stream(X, "post_res")
+    lead, n = X.shape[:-2], X.shape[-2]
+    expected = (tuple(lead) + X.shape[-1:], tuple(lead) + (n,), tuple(lead) + (n, n))
+    got = (tuple(y.shape), tuple(H_post.shape), tuple(H_res.shape))
+    if got != expected:
+        raise ValueError(f"mhc_fx.post_res: y, H_post, H_res must have shapes {expected}, got {got}")
+
+
+def _tokens(X: Tensor) -> Tensor:
+    """``[..., n, C]`` → contiguous ``[T, n, C]``."""
+    return X.reshape(-1, *X.shape[-2:]).contiguous()
+
+
+def _acc(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` contiguous in the compute dtype of stream ``like``."""
+    return t.to(compute_dtype(like.dtype)).contiguous()
+
+
+def _rows(t: Tensor, trailing: int) -> Tensor:
+    """Flatten all but the ``trailing`` last dims, contiguous."""
+    return t.reshape(-1, *t.shape[t.dim() - trailing :]).contiguous()
+
+
+def _pre_outputs(lead: torch.Size, C: int, outs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    h, H_pre, H_post, H_res = outs
+    n = H_pre.shape[-1]
+    return h.reshape(*lead, C), H_pre.reshape(*lead, n), H_post.reshape(*lead, n), H_res.reshape(*lead, n, n)
+
+
+# ------------------------------------------------------------------------------- mhc_pre
+@torch.library.custom_op("mhc_fx::mhc_pre", mutates_args=())
+def mhc_pre(X: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """mHC pre side of one block: ``(h [..., C], H_pre [..., n], H_post [..., n], H_res [..., n, n])``."""
+    _check_pre(X, phi, alpha, bias, iters)
+    args = (_tokens(X), _acc(phi, X), _acc(alpha, X), _acc(bias, X), iters, eps)
+    if runtime.use_triton(X):
+        from . import pre
+
+        outs = pre.mhc_pre_fwd(*args)
+    else:
+        outs = reference.mhc_pre(*args)
+    return _pre_outputs(X.shape[:-2], X.shape[-1], outs)
+
+
+@mhc_pre.register_fake
+def _pre_fake(X, phi, alpha, bias, iters, eps):
+    _check_pre(X, phi, alpha, bias, iters)
+    lead, (n, C), dt = X.shape[:-2], X.shape[-2:], compute_dtype(X.dtype)
+    return (X.new_empty(*lead, C), X.new_empty(*lead, n, dtype=dt), X.new_empty(*lead, n, dtype=dt),
+            X.new_empty(*lead, n, n, dtype=dt))
+
+
+@torch.library.custom_op("mhc_fx::mhc_pre_backward", mutates_args=())
+def mhc_pre_backward(
+    X: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor,
+    dh: Tensor, dH_pre: Tensor, dH_post: Tensor, dH_res: Tensor, iters: int, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(dX, dφ, dα, db)`` of :func:`mhc_pre` for the gradients of its four outputs."""
+    _check_pre(X, phi, alpha, bias, iters)
+    grads = (_rows(dh, 1).to(X.dtype), _acc(_rows(dH_pre, 1), X), _acc(_rows(dH_post, 1), X), _acc(_rows(dH_res, 2), X))
+    args = (_tokens(X), _acc(phi, X), _acc(alpha, X), _acc(bias, X), *grads, iters, eps)
+    if runtime.use_triton(X):
+        from . import pre
+
+        dX, dphi, dalpha, dbias = pre.mhc_pre_bwd(*args)
+    else:
+        dX, dphi, dalpha, dbias = reference.mhc_pre_backward(*args)
+    return dX.reshape(X.shape), dphi.to(phi.dtype), dalpha.to(alpha.dtype), dbias.to(bias.dtype)
+
+
+@mhc_pre_backward.register_fake
+def _(X, phi, alpha, bias, dh, dH_pre, dH_post, dH_res, iters, eps):
+    return torch.empty_like(X), torch.empty_like(phi), torch.empty_like(alpha), torch.empty_like(bias)
+
+
+def _pre_setup_context(ctx, inputs, output):
+    X, phi, alpha, bias, iters, eps = inputs
+    ctx.save_for_backward(X, phi, alpha, bias)
+    ctx.iters, ctx.eps = iters, eps
+
+
+def _pre_grads(X: Tensor, dh, dH_pre, dH_post, dH_res) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Upstream gradients of mhc_pre's outputs, zeros where an output was not used."""
+    lead, (n, C), dt = X.shape[:-2], X.shape[-2:], compute_dtype(X.dtype)
+    zeros = X.new_zeros
+    return (
+        dh if dh is not None else zeros(*lead, C),
+        dH_pre if dH_pre is not None else zeros(*lead, n, dtype=dt),
+        dH_post if dH_post is not None else zeros(*lead, n, dtype=dt),
+        dH_res if dH_res is not None else zeros(*lead, n, n, dtype=dt),
+    )
+
+
+def _pre_backward(ctx, dh, dH_pre, dH_post, dH_res):
+    X, phi, alpha, bias = ctx.saved_tensors
+    grads = _pre_grads(X, dh, dH_pre, dH_post, dH_res)
+    dX, dphi, dalpha, dbias = torch.ops.mhc_fx.mhc_pre_backward(X, phi, alpha, bias, *grads, ctx.iters, ctx.eps)
+    return dX, dphi, dalpha, dbias, None, None
+
+
+mhc_pre.register_autograd(_pre_backward, setup_context=_pre_setup_context)
+
+
+# ------------------------------------------------------------------------------ post_res
+@torch.library.custom_op("mhc_fx::post_res", mutates_args=())
+def post_res(X: Tensor, y: Tensor, H_post: Tensor, H_res: Tensor) -> Tensor:
+    """Next stream ``X_next [..., n, C] = H_res·X + H_postᵀ·y``."""
+    _check_post(X, y, H_post, H_res)
+    args = (_tokens(X), _rows(y, 1).to(X.dtype), _acc(_rows(H_post, 1), X), _acc(_rows(H_res, 2), X))
+    if runtime.use_triton(X):
+        from . import post_res as kernels
+
+        out = kernels.post_res_fwd(*args)
+    else:
+        out = reference.post_res(*args)
+    return out.reshape(X.shape)
+
+
+@post_res.register_fake
+def _(X, y, H_post, H_res):
+    _check_post(X, y, H_post, H_res)
+    return torch.empty_like(X)
+
+
+@torch.library.custom_op("mhc_fx::post_res_backward", mutates_args=())
+def post_res_backward(X: Tensor, y: Tensor, H_post: Tensor, H_res: Tensor, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(dX, dy, dH_post, dH_res)`` of :func:`post_res` for ``grad = ∂L/∂X_next``."""
+    _check_post(X, y, H_post, H_res)
+    args = (_tokens(X), _rows(y, 1).to(X.dtype), _acc(_rows(H_post, 1), X), _acc(_rows(H_res, 2), X),
+            _tokens(grad).to(X.dtype))
+    if runtime.use_triton(X):
+        from . import post_res as kernels
+
+        dX, dy, dH_post, dH_res = kernels.post_res_bwd(*args)
+    else:
+        dX, dy, dH_post, dH_res = reference.post_res_backward(*args)
+    return (dX.reshape(X.shape), dy.reshape(y.shape).to(y.dtype), dH_post.reshape(H_post.shape).to(H_post.dtype),
+            dH_res.reshape(H_res.shape).to(H_res.dtype))
+
+
+@post_res_backward.register_fake
+def _(X, y, H_post, H_res, grad):
+    return torch.empty_like(X), torch.empty_like(y), torch.empty_like(H_post), torch.empty_like(H_res)
+
+
+def _post_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _post_backward(ctx, grad):
+    dX, dy, dH_post, dH_res = torch.ops.mhc_fx.post_res_backward(*ctx.saved_tensors, grad)
+    return dX, dy, dH_post, dH_res
+
+
+post_res.register_autograd(_post_backward, setup_context=_post_setup_context)
+
+
+# -------------------------------------------------------------------------- post_res_pre
+@torch.library.custom_op("mhc_fx::post_res_pre", mutates_args=())
+def post_res_pre(
+    X: Tensor, y: Tensor, H_post: Tensor, H_res: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``X_next = post_res(X, y, H_post, H_res)`` and ``mhc_pre(X_next, φ, α, b)`` in one pass:
+    ``(X_next, h, H_pre, H_post', H_res')`` (X_next is read from registers, not memory)."""
+    _check_post(X, y, H_post, H_res)
+    _check_pre(X, phi, alpha, bias, iters)
+    post_args = (_tokens(X), _rows(y, 1).to(X.dtype), _acc(_rows(H_post, 1), X), _acc(_rows(H_res, 2), X))
+    pre_args = (_acc(phi, X), _acc(alpha, X), _acc(bias, X), iters, eps)
+    if runtime.use_triton(X):
+        from . import pre
+
+        X_next, *outs = pre.post_res_pre_fwd(*post_args, *pre_args)
+    else:
+        X_next = reference.post_res(*post_args)
+        outs = reference.mhc_pre(X_next, *pre_args)
+    return (X_next.reshape(X.shape), *_pre_outputs(X.shape[:-2], X.shape[-1], tuple(outs)))
+
+
+@post_res_pre.register_fake
+def _(X, y, H_post, H_res, phi, alpha, bias, iters, eps):
+    _check_post(X, y, H_post, H_res)
+    return (torch.empty_like(X), *_pre_fake(X, phi, alpha, bias, iters, eps))
+
+
+def _post_pre_setup_context(ctx, inputs, output):
+    X, y, H_post, H_res, phi, alpha, bias, iters, eps = inputs
+    ctx.save_for_backward(X, y, H_post, H_res, phi, alpha, bias, output[0])
+    ctx.iters, ctx.eps = iters, eps
+
+
+def _post_pre_backward(ctx, dX_next, dh, dH_pre, dH_post, dH_res):
+    X, y, H_post, H_res, phi, alpha, bias, X_next = ctx.saved_tensors
+    grads = _pre_grads(X_next, dh, dH_pre, dH_post, dH_res)
+    dXn, dphi, dalpha, dbias = torch.ops.mhc_fx.mhc_pre_backward(X_next, phi, alpha, bias, *grads, ctx.iters, ctx.eps)
+    if dX_next is not None:
+        dXn = dXn + dX_next
+    dX, dy, dH_post_in, dH_res_in = torch.ops.mhc_fx.post_res_backward(X, y, H_post, H_res, dXn)
+    return dX, dy, dH_post_in, dH_res_in, dphi, dalpha, dbias, None, None
+
+
+post_res_pre.register_autograd(_post_pre_backward, setup_context=_post_pre_setup_context)

@@ -1,0 +1,455 @@
+"""Triton kernels of the mHC pre side: coefficients, on-chip Sinkhorn and ``h = H_pre·X``.
+
+Imported on the first launch (see :mod:`mhc_fx.kernels.runtime`). Canonical view: stream
+``X [T, n, C]``, ``φ [n·C, K]`` with ``K = n² + 2n`` (columns ``[pre n | post n | res n²]``),
+``α [3]``, ``b [K]``; coefficients in the compute dtype (fp32; fp64 for fp64 streams).
+
+Tiles. A program owns ``BT`` tokens. Stream values are read as ``[BT, NP, BC]`` tiles (``NP``
+= n padded to a power of two, ``BC`` channels per step) and flattened to ``[BT, NP·BC]`` for
+``tl.dot`` with the matching rows of φ. The pre and post coefficient columns are computed in
+``W = 16``-wide tiles (``tl.dot`` needs ≥ 16 columns; n ≤ 8) and narrowed to ``[BT, NP]``;
+the res logits in an ``[BT, RP·RP]`` tile reshaped to ``[BT, RP, RP]`` (``RP`` = max(NP, 4)).
+Padded rows/columns are masked to zero everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import runtime
+from .post_res import _mix, _store_stream_tile, _stream_tile, _token_tile
+
+
+# ---------------------------------------------------------------------------------------------
+# Sinkhorn-Knopp on [BT, RP, RP] tiles (mHC Eq. 9):
+#   M⁰ = exp(L − max L);  t_max times:  A = M / colsum(M),  M = A / rowsum(A)
+# Backward of one (column, row) step, for G = ∂L/∂M_out (r = row sums of A, s = column sums of M):
+#   dA = (G − rowsum(G ∘ M_out)) / r;   dM = (dA − colsum(dA ∘ A)) / s
+# and ∂L/∂L = dM⁰ ∘ M⁰ (the max shift does not change the result: its gradient is zero).
+# The iterates are recomputed from M⁰ for every backward step (t_max²/2 tiny steps in
+# registers), so the gradient is the exact one of the unrolled loop, with nothing stored.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _normalize_columns(M, valid):
+    s = tl.sum(M, axis=1)  # [BT, RP]
+    s = tl.where(valid[None, :], s, 1.0)
+    return M / s[:, None, :], s
+
+
+@triton.jit
+def _normalize_rows(M, valid):
+    s = tl.sum(M, axis=2)  # [BT, RP]
+    s = tl.where(valid[None, :], s, 1.0)
+    return M / s[:, :, None], s
+
+
+@triton.jit
+def _sinkhorn_start(logits, valid):
+    both = valid[:, None] & valid[None, :]
+    lg = tl.where(both[None, :, :], logits, float("-inf"))
+    top = tl.max(tl.max(lg, axis=2), axis=1)
+    return tl.where(both[None, :, :], tl.exp(lg - top[:, None, None]), 0.0)
+
+
+@triton.jit
+def _sinkhorn_iterate(M, valid, steps):
+    for _ in range(steps):
+        M, _s = _normalize_columns(M, valid)
+        M, _r = _normalize_rows(M, valid)
+    return M
+
+
+@triton.jit
+def _sinkhorn_bwd(logits, G, valid, iters):
+    M0 = _sinkhorn_start(logits, valid)
+    both = valid[:, None] & valid[None, :]
+    G = tl.where(both[None, :, :], G, 0.0)
+    for k in range(iters):
+        M = _sinkhorn_iterate(M0, valid, iters - 1 - k)
+        A, s = _normalize_columns(M, valid)
+        out, r = _normalize_rows(A, valid)
+        dA = (G - tl.sum(G * out, axis=2)[:, :, None]) / r[:, :, None]
+        G = (dA - tl.sum(dA * A, axis=1)[:, None, :]) / s[:, None, :]
+        G = tl.where(both[None, :, :], G, 0.0)
+    return G * M0
+
+
+# ---------------------------------------------------------------------------------------------
+# Coefficients of one token (mHC Eq. 7–8, RMSNorm after the matmul):
+#   r = sqrt(Σ v² / nC + eps),  raw = v·φ,  hn = raw / r,  h̃ = α_group · hn + b
+#   H_pre = σ(h̃_pre),  H_post = 2σ(h̃_post),  H_res = Sinkhorn(h̃_res)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _narrow(v, BT: tl.constexpr, W: tl.constexpr, NP: tl.constexpr):
+    """``[BT, W]`` with zeros past column NP → ``[BT, NP]``."""
+    return tl.sum(tl.reshape(v, [BT, W // NP, NP]), axis=1)
+
+
+@triton.jit
+def _widen(v, W: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr):
+    """``[BT, NP]`` → ``[BT, W]`` with zeros past column NP."""
+    g = tl.arange(0, W // NP)
+    return tl.reshape(tl.where(g[None, :, None] == 0, v[:, None, :], 0.0), [BT, W])
+
+
+@triton.jit
+def _project(
+    x, PHI, c0, C, sumsq, raw_pre, raw_post, raw_res,
+    N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, RP: tl.constexpr, K: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr,
+):
+    """Add one channel step's ``Σ v²`` and ``v·φ`` (x: ``[BT, NP, BC]``, compute dtype)."""
+    sumsq += tl.sum(tl.sum(x * x, axis=2), axis=1)
+    x2 = tl.reshape(x, [BT, NP * BC])
+    f = tl.arange(0, NP * BC)
+    stream, ch = f // BC, c0 + f % BC
+    rows = stream * C + ch
+    rm = (stream < N) & (ch < C)
+    w = tl.arange(0, W)
+    wm = w < N
+    q = tl.arange(0, RP * RP)
+    qm = (q // RP < N) & (q % RP < N)
+    base = PHI + rows[:, None] * K
+    p = tl.load(base + w[None, :], mask=rm[:, None] & wm[None, :], other=0.0)
+    raw_pre = tl.dot(x2, p, raw_pre, input_precision=PREC)
+    p = tl.load(base + N + w[None, :], mask=rm[:, None] & wm[None, :], other=0.0)
+    raw_post = tl.dot(x2, p, raw_post, input_precision=PREC)
+    p = tl.load(base + 2 * N + (q // RP * N + q % RP)[None, :], mask=rm[:, None] & qm[None, :], other=0.0)
+    raw_res = tl.dot(x2, p, raw_res, input_precision=PREC)
+    return sumsq, raw_pre, raw_post, raw_res
+
+
+@triton.jit
+def _coefficients(
+    sumsq, raw_pre, raw_post, raw_res, ALPHA, BIAS, C, eps,
+    N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr,
+):
+    """``r [BT]``, normalised projections ``hn_pre/hn_post [BT, NP]``, ``hn_res [BT, RP, RP]``,
+    ``H_pre``, ``H_post [BT, NP]`` and the Sinkhorn logits ``[BT, RP, RP]``."""
+    r = tl.sqrt(sumsq / (N * C) + eps)
+    i = tl.arange(0, NP)
+    im = i < N
+    ri = tl.arange(0, RP)
+    rim = ri < N
+    hn_pre = _narrow(raw_pre, BT, W, NP) / r[:, None]
+    hn_post = _narrow(raw_post, BT, W, NP) / r[:, None]
+    hn_res = tl.reshape(raw_res, [BT, RP, RP]) / r[:, None, None]
+    b_pre = tl.load(BIAS + i, mask=im, other=0.0)
+    b_post = tl.load(BIAS + N + i, mask=im, other=0.0)
+    b_res = tl.load(BIAS + 2 * N + ri[:, None] * N + ri[None, :], mask=rim[:, None] & rim[None, :], other=0.0)
+    H_pre = tl.where(im[None, :], tl.sigmoid(tl.load(ALPHA) * hn_pre + b_pre[None, :]), 0.0)
+    H_post = tl.where(im[None, :], 2.0 * tl.sigmoid(tl.load(ALPHA + 1) * hn_post + b_post[None, :]), 0.0)
+    logits = tl.load(ALPHA + 2) * hn_res + b_res[None, :, :]
+    return r, hn_pre, hn_post, hn_res, H_pre, H_post, logits
+
+
+@triton.jit
+def _store_pair(PTR, v, t, tm, i, im, N: tl.constexpr, K: tl.constexpr, COL: tl.constexpr):
+    """Store ``v [BT, NP]`` into columns ``COL..COL+n`` of a ``[T, K]`` tensor."""
+    tl.store(PTR + t[:, None] * K + COL + i[None, :], v, mask=tm[:, None] & im[None, :])
+
+
+@triton.jit
+def _store_square(PTR, v, t, tm, ri, rim, N: tl.constexpr, K: tl.constexpr, COL: tl.constexpr):
+    """Store ``v [BT, RP, RP]`` (n×n valid) row-major into columns ``COL..`` of ``[T, K]``."""
+    offs = t[:, None, None] * K + COL + ri[None, :, None] * N + ri[None, None, :]
+    tl.store(PTR + offs, v, mask=tm[:, None, None] & rim[None, :, None] & rim[None, None, :])
+
+
+@triton.jit
+def _pre_mix_pass(X, H, H_pre, t, tm, i, im, C, N: tl.constexpr, BC: tl.constexpr):
+    """``h[t, c] = Σ_i H_pre[t, i] · X[t, i, c]`` over all channels (stored in H's dtype)."""
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        cm = c < C
+        x = _stream_tile(X, t, tm, i, im, c, cm, N, C).to(H_pre.dtype)
+        h = tl.sum(H_pre[:, :, None] * x, axis=1)
+        tl.store(H + t[:, None] * C + c[None, :], h.to(H.dtype.element_ty), mask=tm[:, None] & cm[None, :])
+
+
+@triton.jit
+def _finish_pre(
+    X, H, HPRE, HPOST, HRES, ALPHA, BIAS, sumsq, raw_pre, raw_post, raw_res, t, tm, C, eps, iters,
+    N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+):
+    """Epilogue of both pre forwards: coefficients, Sinkhorn, stores, then ``h = H_pre·X``."""
+    i = tl.arange(0, NP)
+    im = i < N
+    ri = tl.arange(0, RP)
+    rim = ri < N
+    _r, _a, _b, _c, H_pre, H_post, logits = _coefficients(
+        sumsq, raw_pre, raw_post, raw_res, ALPHA, BIAS, C, eps, N, NP, W, RP, BT
+    )
+    H_res = _sinkhorn_iterate(_sinkhorn_start(logits, rim), rim, iters)
+    _store_pair(HPRE, H_pre, t, tm, i, im, N, N, 0)
+    _store_pair(HPOST, H_post, t, tm, i, im, N, N, 0)
+    _store_square(HRES, H_res, t, tm, ri, rim, N, N * N, 0)
+    _pre_mix_pass(X, H, H_pre, t, tm, i, im, C, N, BC)
+
+
+@triton.jit
+def _pre_fwd(
+    X, PHI, ALPHA, BIAS, H, HPRE, HPOST, HRES, T, C, eps, iters,
+    N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, RP: tl.constexpr, K: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr,
+):
+    acc_t = PHI.dtype.element_ty
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    tm = t < T
+    i = tl.arange(0, NP)
+    im = i < N
+    sumsq = tl.zeros([BT], acc_t)
+    raw_pre = tl.zeros([BT, W], acc_t)
+    raw_post = tl.zeros([BT, W], acc_t)
+    raw_res = tl.zeros([BT, RP * RP], acc_t)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        x = _stream_tile(X, t, tm, i, im, c, c < C, N, C).to(acc_t)
+        sumsq, raw_pre, raw_post, raw_res = _project(
+            x, PHI, c0, C, sumsq, raw_pre, raw_post, raw_res, N, NP, W, RP, K, BT, BC, PREC
+        )
+    _finish_pre(X, H, HPRE, HPOST, HRES, ALPHA, BIAS, sumsq, raw_pre, raw_post, raw_res, t, tm, C, eps, iters,
+                N, NP, W, RP, BT, BC)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-layer fusion: X_next = H_res·X + H_postᵀ·y (block l), then pre of block l+1 on X_next.
+# The statistics and v·φ of block l+1 are taken from X_next while it is in registers (rounded
+# to the stream dtype first, exactly as the unfused pre would read it), saving one n·C read.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _post_res_pre_fwd(
+    X, Y, HPOST_IN, HRES_IN, PHI, ALPHA, BIAS, XN, H, HPRE, HPOST, HRES, T, C, eps, iters,
+    N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, RP: tl.constexpr, K: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr,
+):
+    acc_t = PHI.dtype.element_ty
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    tm = t < T
+    i = tl.arange(0, NP)
+    im = i < N
+    hpost_in = tl.load(HPOST_IN + t[:, None] * N + i[None, :], mask=tm[:, None] & im[None, :], other=0.0)
+    sumsq = tl.zeros([BT], acc_t)
+    raw_pre = tl.zeros([BT, W], acc_t)
+    raw_post = tl.zeros([BT, W], acc_t)
+    raw_res = tl.zeros([BT, RP * RP], acc_t)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        cm = c < C
+        y = _token_tile(Y, t, tm, c, cm, C).to(acc_t)
+        out = _mix(X, HRES_IN, hpost_in, y, t, tm, i, im, c, cm, C, N)
+        _store_stream_tile(XN, out, t, tm, i, im, c, cm, N, C)
+        x = out.to(XN.dtype.element_ty).to(acc_t)
+        x = tl.where(im[None, :, None] & cm[None, None, :], x, 0.0)
+        sumsq, raw_pre, raw_post, raw_res = _project(
+            x, PHI, c0, C, sumsq, raw_pre, raw_post, raw_res, N, NP, W, RP, K, BT, BC, PREC
+        )
+    tl.debug_barrier()  # X_next was written by other threads of this program; h reads it back
+    _finish_pre(XN, H, HPRE, HPOST, HRES, ALPHA, BIAS, sumsq, raw_pre, raw_post, raw_res, t, tm, C, eps, iters,
+                N, NP, W, RP, BT, BC)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward of pre, for upstream gradients dh [T, C], dH_pre, dH_post [T, n], dH_res [T, n, n]:
+#   dH_pre += X·dh (per stream);  dh̃_pre = dH_pre·σ'(h̃_pre);  dh̃_post = dH_post·2σ'(h̃_post)
+#   dh̃_res = Sinkhorn backward (exact, recomputed);  draw = α_group · dh̃ / r
+#   dr = −Σ_k α_k dh̃_k hn_k / r;  dX = draw·φᵀ + dr·v/(nC·r) + H_preᵀ·dh
+# Per token it writes dh̃, hn and draw ([T, K]); dφ = Σ_t v_tᵀ draw_t is a second kernel over
+# row blocks of φ (each program owns its rows: deterministic, no atomics), and db = Σ_t dh̃,
+# dα_g = Σ_t Σ_{k∈g} dh̃·hn are sums over these small [T, K] tensors.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _pre_bwd(
+    X, PHI, ALPHA, BIAS, DH, DHPRE, DHPOST, DHRES, DX, DHT, HN, DRAW, T, C, eps, iters,
+    N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, RP: tl.constexpr, K: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr,
+):
+    acc_t = PHI.dtype.element_ty
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    tm = t < T
+    i = tl.arange(0, NP)
+    im = i < N
+    ri = tl.arange(0, RP)
+    rim = ri < N
+    sumsq = tl.zeros([BT], acc_t)
+    raw_pre = tl.zeros([BT, W], acc_t)
+    raw_post = tl.zeros([BT, W], acc_t)
+    raw_res = tl.zeros([BT, RP * RP], acc_t)
+    x_dh = tl.zeros([BT, NP], acc_t)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        cm = c < C
+        x = _stream_tile(X, t, tm, i, im, c, cm, N, C).to(acc_t)
+        dh = _token_tile(DH, t, tm, c, cm, C).to(acc_t)
+        x_dh += tl.sum(x * dh[:, None, :], axis=2)
+        sumsq, raw_pre, raw_post, raw_res = _project(
+            x, PHI, c0, C, sumsq, raw_pre, raw_post, raw_res, N, NP, W, RP, K, BT, BC, PREC
+        )
+    r, hn_pre, hn_post, hn_res, H_pre, H_post, logits = _coefficients(
+        sumsq, raw_pre, raw_post, raw_res, ALPHA, BIAS, C, eps, N, NP, W, RP, BT
+    )
+    pair = tm[:, None] & im[None, :]
+    d_pre = tl.load(DHPRE + t[:, None] * N + i[None, :], mask=pair, other=0.0) + x_dh
+    d_pre = tl.where(im[None, :], d_pre * H_pre * (1.0 - H_pre), 0.0)
+    half = H_post * 0.5
+    d_post = tl.load(DHPOST + t[:, None] * N + i[None, :], mask=pair, other=0.0) * 2.0 * half * (1.0 - half)
+    d_post = tl.where(im[None, :], d_post, 0.0)
+    square = tm[:, None, None] & rim[None, :, None] & rim[None, None, :]
+    g_res = tl.load(DHRES + t[:, None, None] * (N * N) + ri[None, :, None] * N + ri[None, None, :], mask=square, other=0.0)
+    d_res = _sinkhorn_bwd(logits, g_res, rim, iters)
+    a_pre, a_post, a_res = tl.load(ALPHA), tl.load(ALPHA + 1), tl.load(ALPHA + 2)
+    _store_pair(DHT, d_pre, t, tm, i, im, N, K, 0)
+    _store_pair(DHT, d_post, t, tm, i, im, N, K, N)
+    _store_square(DHT, d_res, t, tm, ri, rim, N, K, 2 * N)
+    _store_pair(HN, hn_pre, t, tm, i, im, N, K, 0)
+    _store_pair(HN, hn_post, t, tm, i, im, N, K, N)
+    _store_square(HN, hn_res, t, tm, ri, rim, N, K, 2 * N)
+    draw_pre = a_pre * d_pre / r[:, None]
+    draw_post = a_post * d_post / r[:, None]
+    draw_res = a_res * d_res / r[:, None, None]
+    _store_pair(DRAW, draw_pre, t, tm, i, im, N, K, 0)
+    _store_pair(DRAW, draw_post, t, tm, i, im, N, K, N)
+    _store_square(DRAW, draw_res, t, tm, ri, rim, N, K, 2 * N)
+    dr = -(tl.sum(draw_pre * hn_pre, axis=1) + tl.sum(draw_post * hn_post, axis=1)
+           + tl.sum(tl.sum(draw_res * hn_res, axis=2), axis=1))
+    x_coef = dr / (N * C * r)  # ∂r/∂v = v / (nC·r)
+    wide_pre = _widen(draw_pre, W, NP, BT)
+    wide_post = _widen(draw_post, W, NP, BT)
+    flat_res = tl.reshape(draw_res, [BT, RP * RP])
+    w = tl.arange(0, W)
+    wm = w < N
+    q = tl.arange(0, RP * RP)
+    qm = (q // RP < N) & (q % RP < N)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        cm = c < C
+        f = tl.arange(0, NP * BC)
+        stream, ch = f // BC, c0 + f % BC
+        rows = stream * C + ch
+        rm = (stream < N) & (ch < C)
+        base = PHI + rows[None, :] * K
+        dv = tl.zeros([BT, NP * BC], acc_t)
+        p = tl.load(base + w[:, None], mask=wm[:, None] & rm[None, :], other=0.0)
+        dv = tl.dot(wide_pre, p, dv, input_precision=PREC)
+        p = tl.load(base + N + w[:, None], mask=wm[:, None] & rm[None, :], other=0.0)
+        dv = tl.dot(wide_post, p, dv, input_precision=PREC)
+        p = tl.load(base + 2 * N + (q // RP * N + q % RP)[:, None], mask=qm[:, None] & rm[None, :], other=0.0)
+        dv = tl.dot(flat_res, p, dv, input_precision=PREC)
+        x = _stream_tile(X, t, tm, i, im, c, cm, N, C).to(acc_t)
+        dh = _token_tile(DH, t, tm, c, cm, C).to(acc_t)
+        dx = tl.reshape(dv, [BT, NP, BC]) + x_coef[:, None, None] * x + H_pre[:, :, None] * dh[:, None, :]
+        _store_stream_tile(DX, dx, t, tm, i, im, c, cm, N, C)
+
+
+@triton.jit
+def _pre_bwd_phi(
+    X, DRAW, DPHI, T, NC, tokens_per_split,
+    K: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr,
+):
+    """``dφ_partial[split] = Σ_{t in split} vec(X_t)ᵀ · draw_t`` for one block of φ's rows."""
+    acc_t = DRAW.dtype.element_ty
+    k = tl.program_id(0) * BK + tl.arange(0, BK)
+    km = k < NC
+    split = tl.program_id(1)
+    col = tl.arange(0, KP)
+    colm = col < K
+    acc = tl.zeros([BK, KP], acc_t)
+    start = split * tokens_per_split
+    for t0 in range(start, start + tokens_per_split, BT):
+        t = t0 + tl.arange(0, BT)
+        tm = t < T
+        v = tl.load(X + t[None, :] * NC + k[:, None], mask=km[:, None] & tm[None, :], other=0.0).to(acc_t)
+        d = tl.load(DRAW + t[:, None] * K + col[None, :], mask=tm[:, None] & colm[None, :], other=0.0)
+        acc = tl.dot(v, d, acc, input_precision=PREC)
+    tl.store(DPHI + split * NC * K + k[:, None] * K + col[None, :], acc, mask=km[:, None] & colm[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+def _tiles(X: torch.Tensor) -> dict[str, object]:
+    T, n, C = X.shape
+    return dict(
+        N=n, NP=runtime.stream_tile(n), W=runtime.COEF_WIDTH, RP=runtime.res_tile(n), K=n * n + 2 * n,
+        BT=runtime.BLOCK_T, BC=runtime.channel_block(n, C), PREC=runtime.compute_precision(X.dtype),
+    )
+
+
+def _coefficient_outputs(X: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, ...]:
+    T, n, C = X.shape
+    new = runtime.new_output
+    return (new((T, C), X.dtype, X.device), new((T, n), acc, X.device), new((T, n), acc, X.device),
+            new((T, n, n), acc, X.device))
+
+
+def mhc_pre_fwd(
+    X: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, iters: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(h [T, C], H_pre [T, n], H_post [T, n], H_res [T, n, n])`` of a contiguous ``X [T, n, C]``;
+    ``phi``, ``alpha``, ``bias`` contiguous in the compute dtype."""
+    T = X.shape[0]
+    outs = _coefficient_outputs(X, phi.dtype)
+    if T:
+        _pre_fwd[(triton.cdiv(T, runtime.BLOCK_T),)](X, phi, alpha, bias, *outs, T, X.shape[2], eps, iters, **_tiles(X))
+        runtime.count("mhc_pre_fwd")
+    return outs
+
+
+def post_res_pre_fwd(
+    X: torch.Tensor, y: torch.Tensor, H_post: torch.Tensor, H_res: torch.Tensor,
+    phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, iters: int, eps: float,
+) -> tuple[torch.Tensor, ...]:
+    """``(X_next [T, n, C], h, H_pre, H_post, H_res)``: post_res of one block and pre of the next."""
+    T = X.shape[0]
+    X_next = runtime.new_output(X.shape, X.dtype, X.device)
+    outs = _coefficient_outputs(X, phi.dtype)
+    if T:
+        _post_res_pre_fwd[(triton.cdiv(T, runtime.BLOCK_T),)](
+            X, y, H_post, H_res, phi, alpha, bias, X_next, *outs, T, X.shape[2], eps, iters, **_tiles(X)
+        )
+        runtime.count("post_res_pre_fwd")
+    return (X_next, *outs)
+
+
+def mhc_pre_bwd(
+    X: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor,
+    dh: torch.Tensor, dH_pre: torch.Tensor, dH_post: torch.Tensor, dH_res: torch.Tensor, iters: int, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dX [T, n, C], dφ [nC, K], dα [3], db [K])`` in X's / the compute dtype."""
+    T, n, C = X.shape
+    K, acc, dev = n * n + 2 * n, phi.dtype, X.device
+    dX = runtime.new_output(X.shape, X.dtype, dev)
+    dht, hn, draw = (runtime.new_output((T, K), acc, dev) for _ in range(3))
+    if T:
+        _pre_bwd[(triton.cdiv(T, runtime.BLOCK_T),)](
+            X, phi, alpha, bias, dh, dH_pre, dH_post, dH_res, dX, dht, hn, draw, T, C, eps, iters, **_tiles(X)
+        )
+        runtime.count("mhc_pre_bwd")
+    dphi = _phi_grad(X, draw)
+    prod = (dht * hn).sum(dim=0)
+    dalpha = torch.stack([prod[:n].sum(), prod[n : 2 * n].sum(), prod[2 * n :].sum()])
+    return dX, dphi, dalpha, dht.sum(dim=0)
+
+
+def _phi_grad(X: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
+    """``dφ [nC, K] = Σ_t vec(X_t)ᵀ draw_t``: row blocks × token splits, partials summed after."""
+    T, n, C = X.shape
+    K = draw.shape[1]
+    NC, BK, BT = n * C, 64, runtime.BLOCK_T
+    row_blocks = triton.cdiv(NC, BK)
+    token_blocks = max(1, triton.cdiv(T, BT))
+    splits = min(token_blocks, max(1, runtime.parallel_programs(X.device) // row_blocks))
+    tokens_per_split = triton.cdiv(token_blocks, splits) * BT
+    splits = max(1, triton.cdiv(T, tokens_per_split))
+    partial = runtime.new_output((splits, NC, K), draw.dtype, X.device)
+    if T:
+        _pre_bwd_phi[(row_blocks, splits)](
+            X, draw, partial, T, NC, tokens_per_split,
+            K=K, KP=max(16, runtime.pow2(K)), BK=BK, BT=BT, PREC=runtime.compute_precision(X.dtype),
+        )
+        runtime.count("mhc_pre_bwd_phi")
+    else:
+        partial.zero_()
+    return partial.sum(dim=0)

@@ -1,0 +1,85 @@
+"""Pure-torch implementations of the fused ops: what they compute where Triton does not run.
+
+The forwards compose :mod:`mhc_fx.nn.functional` (the single source of truth). The backwards
+are written out in closed form, because autograd cannot run inside a custom op's body; the
+tests check them against autograd through the functional reference. Shapes as the kernels':
+``X [T, n, C]``, ``y/h [T, C]``, ``H_pre/H_post [T, n]``, ``H_res [T, n, n]``, ``φ [nC, K]``,
+``K = n² + 2n``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..nn import functional as MF
+
+
+def mhc_pre(
+    X: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, iters: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(h, H_pre, H_post, H_res)``: :func:`~mhc_fx.nn.functional.mhc_coefficients`, then
+    :func:`~mhc_fx.nn.functional.pre_mix`."""
+    H_pre, H_post, H_res = MF.mhc_coefficients(X, phi, alpha, bias, sinkhorn_iters=iters, eps=eps)
+    return MF.pre_mix(X, H_pre), H_pre, H_post, H_res
+
+
+def post_res(X: torch.Tensor, y: torch.Tensor, H_post: torch.Tensor, H_res: torch.Tensor) -> torch.Tensor:
+    """``X_next = H_res·X + H_postᵀ·y`` (:func:`~mhc_fx.nn.functional.post_res_mix`)."""
+    return MF.post_res_mix(X, y, H_post, H_res)
+
+
+def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int) -> torch.Tensor:
+    """Exact gradient of :func:`~mhc_fx.nn.functional.sinkhorn` w.r.t. ``logits [..., n, n]``
+    for ``grad = ∂L/∂H_res``, through every iteration (iterates kept, then walked back)."""
+    M0 = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    steps, M = [], M0
+    for _ in range(iters):
+        s = M.sum(dim=-2, keepdim=True)
+        A = M / s
+        r = A.sum(dim=-1, keepdim=True)
+        M = A / r
+        steps.append((A, s, r, M))
+    G = grad
+    for A, s, r, M in reversed(steps):
+        dA = (G - (G * M).sum(dim=-1, keepdim=True)) / r
+        G = (dA - (dA * A).sum(dim=-2, keepdim=True)) / s
+    return G * M0
+
+
+def mhc_pre_backward(
+    X: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor,
+    dh: torch.Tensor, dH_pre: torch.Tensor, dH_post: torch.Tensor, dH_res: torch.Tensor, iters: int, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dX, dφ, dα, db)`` of :func:`mhc_pre` (formulas in :mod:`mhc_fx.kernels.pre`)."""
+    T, n, C = X.shape
+    dt = MF.compute_dtype(X.dtype)
+    v = X.reshape(T, n * C).to(dt)
+    phi, alpha, bias = phi.to(dt), alpha.to(dt), bias.to(dt)
+    r = torch.sqrt(v.square().mean(dim=-1, keepdim=True) + eps)  # [T, 1]
+    hn = (v @ phi) / r  # [T, K]
+    gate = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
+    ht = hn * gate + bias
+    H_pre, half = torch.sigmoid(ht[:, :n]), torch.sigmoid(ht[:, n : 2 * n])
+    x_dh = (X.to(dt) * dh.to(dt).unsqueeze(1)).sum(dim=-1)  # [T, n]
+    d_pre = (dH_pre.to(dt) + x_dh) * H_pre * (1 - H_pre)
+    d_post = dH_post.to(dt) * 2 * half * (1 - half)
+    d_res = sinkhorn_backward(ht[:, 2 * n :].unflatten(-1, (n, n)), dH_res.to(dt), iters).flatten(-2)
+    dht = torch.cat([d_pre, d_post, d_res], dim=-1)
+    draw = dht * gate / r
+    dr = -(draw * hn).sum(dim=-1, keepdim=True)
+    dv = draw @ phi.T + dr * v / (n * C * r)
+    dX = dv.unflatten(-1, (n, C)) + H_pre.unsqueeze(-1) * dh.to(dt).unsqueeze(1)
+    prod = (dht * hn).sum(dim=0)
+    dalpha = torch.stack([prod[:n].sum(), prod[n : 2 * n].sum(), prod[2 * n :].sum()])
+    return dX.to(X.dtype), v.T @ draw, dalpha, dht.sum(dim=0)
+
+
+def post_res_backward(
+    X: torch.Tensor, y: torch.Tensor, H_post: torch.Tensor, H_res: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dX, dy, dH_post, dH_res)`` of :func:`post_res` for ``grad = ∂L/∂X_next``."""
+    dt = H_res.dtype
+    G, Xc, yc = grad.to(dt), X.to(dt), y.to(dt)
+    dX = H_res.transpose(-2, -1) @ G
+    dy = (H_post.unsqueeze(-1) * G).sum(dim=-2)
+    return dX.to(X.dtype), dy.to(y.dtype), (G * yc.unsqueeze(-2)).sum(dim=-1), G @ Xc.transpose(-2, -1)

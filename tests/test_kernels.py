@@ -1,0 +1,214 @@
+"""The fused ops' Triton kernels against the reference math, run through Triton's interpreter
+on CPU (``TRITON_INTERPRET=1``, set by conftest when there is no GPU)."""
+
+import pytest
+import torch
+
+import mhc_fx  # noqa: F401  (registers torch.ops.mhc_fx)
+from mhc_fx.kernels import reference, runtime
+from mhc_fx.nn import functional as MF
+
+from .conftest import rel_err
+
+needs_kernels = pytest.mark.skipif(
+    not runtime.use_triton(torch.empty(0)),
+    reason="CPU tensors run the Triton kernels only under TRITON_INTERPRET=1 with triton installed "
+    "(conftest sets it when there is no GPU; on a GPU machine see test_kernels_gpu.py)",
+)
+ops = torch.ops.mhc_fx
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.float64: 1e-10}
+T = 37  # not a multiple of the 16-token block
+ITERS = 4  # the interpreter pays iters²/2 Sinkhorn steps per backward; 20 is tested once below
+
+
+def pre_params(n, C, dtype=torch.float32):
+    K = n * n + 2 * n
+    return (0.1 * torch.randn(n * C, K, dtype=dtype), 0.5 + torch.rand(3, dtype=dtype), torch.randn(K, dtype=dtype))
+
+
+def pre_reference(X, phi, alpha, bias, iters, eps=1e-6):
+    """Oracle: the functional reference in float64."""
+    H_pre, H_post, H_res = MF.mhc_coefficients(X, phi, alpha, bias, sinkhorn_iters=iters, eps=eps)
+    return MF.pre_mix(X, H_pre), H_pre, H_post, H_res
+
+
+def leaves(*ts):
+    return [t.detach().clone().requires_grad_() for t in ts]
+
+
+def check_op(op, reference_fn, inputs, extra, dtype):
+    """Outputs and input gradients of ``op`` vs ``reference_fn`` on float64 copies."""
+    ins = leaves(*inputs)
+    with runtime.poisoned_outputs():
+        outs = op(*ins, *extra)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        cotangents = [torch.randn_like(o) for o in outs]
+        grads = torch.autograd.grad(outs, ins, cotangents)
+    refs_in = leaves(*(t.double() for t in inputs))
+    refs = reference_fn(*refs_in, *extra)
+    refs = refs if isinstance(refs, tuple) else (refs,)
+    ref_grads = torch.autograd.grad(refs, refs_in, [c.double() for c in cotangents])
+    for k, (o, r) in enumerate(zip(outs, refs)):
+        assert not o.isnan().any(), f"output {k} has unwritten (poisoned) elements"
+        assert rel_err(o, r) <= TOL[dtype], f"output {k}: {rel_err(o, r):.2e}"
+    for k, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert rel_err(g, r) <= TOL[dtype], f"gradient of input {k}: {rel_err(g, r):.2e}"
+
+
+SHAPES = [(n, C) for n in (1, 2, 4, 8) for C in (32, 96, 100)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,C", SHAPES)
+def test_pre_kernel_matches_reference(n, C, dtype):
+    X = torch.randn(T, n, C).to(dtype)
+    before = runtime.launches.copy()
+    check_op(ops.mhc_pre, pre_reference, (X, *pre_params(n, C)), (ITERS, 1e-6), dtype)
+    assert runtime.launches["mhc_pre_fwd"] == before["mhc_pre_fwd"] + 1
+    assert runtime.launches["mhc_pre_bwd"] == before["mhc_pre_bwd"] + 1
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,C", SHAPES)
+def test_post_res_kernel_matches_reference(n, C, dtype):
+    X, y = torch.randn(T, n, C).to(dtype), torch.randn(T, C).to(dtype)
+    H_res = MF.sinkhorn(torch.randn(T, n, n), 3)
+    check_op(ops.post_res, MF.post_res_mix, (X, y, 2 * torch.rand(T, n), H_res), (), dtype)
+
+
+def post_res_pre_reference(X, y, H_post, H_res, phi, alpha, bias, iters, eps):
+    X_next = MF.post_res_mix(X, y, H_post, H_res)
+    return (X_next, *pre_reference(X_next, phi, alpha, bias, iters, eps))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,C", [(1, 32), (2, 100), (4, 96), (8, 100)])
+def test_fused_post_res_pre_matches_reference(n, C, dtype):
+    X, y = torch.randn(T, n, C).to(dtype), torch.randn(T, C).to(dtype)
+    H_res = MF.sinkhorn(torch.randn(T, n, n), 3)
+    inputs = (X, y, 2 * torch.rand(T, n), H_res, *pre_params(n, C))
+    before = runtime.launches["post_res_pre_fwd"]
+    check_op(ops.post_res_pre, post_res_pre_reference, inputs, (ITERS, 1e-6), dtype)
+    assert runtime.launches["post_res_pre_fwd"] == before + 1
+
+
+@needs_kernels
+def test_sinkhorn_gradient_through_twenty_iterations():
+    n, C = 4, 96
+    X = torch.randn(T, n, C)
+    check_op(ops.mhc_pre, pre_reference, (X, *pre_params(n, C)), (20, 1e-6), torch.float32)
+
+
+@needs_kernels
+def test_leading_dims_and_empty_input():
+    n, C = 2, 24
+    X, params = torch.randn(2, 3, 5, n, C), pre_params(n, C)
+    outs = ops.mhc_pre(X, *params, ITERS, 1e-6)
+    assert outs[0].shape == (2, 3, 5, C) and outs[3].shape == (2, 3, 5, n, n)
+    for out, ref in zip(outs, pre_reference(X.double(), *(p.double() for p in params), ITERS)):
+        assert rel_err(out, ref) <= 1e-5
+    empty = ops.mhc_pre(torch.randn(0, n, C), *pre_params(n, C), ITERS, 1e-6)
+    assert [tuple(t.shape) for t in empty] == [(0, C), (0, n), (0, n), (0, n, n)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("op", ["mhc_pre", "post_res", "post_res_pre"])
+def test_fp64_gradcheck_through_interpreted_kernels(op):
+    n, C, t = 2, 16, 5
+    d = torch.float64
+    X, y = torch.randn(t, n, C, dtype=d), torch.randn(t, C, dtype=d)
+    H_post, H_res = 2 * torch.rand(t, n, dtype=d), MF.sinkhorn(torch.randn(t, n, n, dtype=d), 3)
+    params = pre_params(n, C, d)
+    args = {
+        "mhc_pre": ((X, *params), (3, 1e-6)),
+        "post_res": ((X, y, H_post, H_res), ()),
+        "post_res_pre": ((X, y, H_post, H_res, *params), (3, 1e-6)),
+    }[op]
+    fn = getattr(ops, op)
+    assert torch.autograd.gradcheck(lambda *a: fn(*a, *args[1]), tuple(leaves(*args[0])), fast_mode=True)
+
+
+def opcheck_cases():
+    n, C, t = 2, 16, 5
+    X, y = torch.randn(t, n, C), torch.randn(t, C)
+    H_post, H_res = 2 * torch.rand(t, n), MF.sinkhorn(torch.randn(t, n, n), 3)
+    params = pre_params(n, C)
+    grads = (torch.randn(t, C), torch.randn(t, n), torch.randn(t, n), torch.randn(t, n, n))
+    return {
+        "mhc_pre": (ops.mhc_pre, (X, *params, 3, 1e-6)),
+        "mhc_pre_backward": (ops.mhc_pre_backward, (X, *params, *grads, 3, 1e-6)),
+        "post_res": (ops.post_res, (X, y, H_post, H_res)),
+        "post_res_backward": (ops.post_res_backward, (X, y, H_post, H_res, torch.randn(t, n, C))),
+        "post_res_pre": (ops.post_res_pre, (X, y, H_post, H_res, *params, 3, 1e-6)),
+    }
+
+
+@pytest.mark.parametrize("name", ["mhc_pre", "mhc_pre_backward", "post_res", "post_res_backward", "post_res_pre"])
+def test_opcheck(name):
+    op, args = opcheck_cases()[name]
+    if not name.endswith("_backward"):  # the backward ops are first order: no gradient of their own
+        args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(op, args)
+
+
+def mhc_layer(X, y, phi, alpha, bias):
+    """One mHC block's mixing around a fixed branch output y, through the ops."""
+    h, _, H_post, H_res = ops.mhc_pre(X, phi, alpha, bias, ITERS, 1e-6)
+    return ops.post_res(X, y * h, H_post, H_res)
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_ops_compile_fullgraph_and_launch_kernels(backend):
+    n, C = 4, 32
+    inputs = (torch.randn(T, n, C), torch.randn(T, C), *pre_params(n, C))
+    eager_in, compiled_in = leaves(*inputs), leaves(*inputs)
+    eager = mhc_layer(*eager_in)
+    eager_grads = torch.autograd.grad(eager.square().sum(), eager_in)
+    compiled_fn = torch.compile(mhc_layer, backend=backend, fullgraph=True)
+    before = runtime.launches.copy()
+    out = compiled_fn(*compiled_in)
+    grads = torch.autograd.grad(out.square().sum(), compiled_in)
+    assert rel_err(out, eager) <= 1e-6
+    for g, e in zip(grads, eager_grads):
+        assert rel_err(g, e) <= 1e-6
+    for kernel in ("mhc_pre_fwd", "mhc_pre_bwd", "post_res_fwd", "post_res_bwd"):
+        assert runtime.launches[kernel] == before[kernel] + 1, kernel
+
+
+def test_reference_backwards_match_autograd():
+    """What the ops run without Triton (closed-form backwards) against autograd of functional.py."""
+    n, C, t, d = 4, 24, 9, torch.float64
+    X, y = torch.randn(t, n, C, dtype=d), torch.randn(t, C, dtype=d)
+    params = pre_params(n, C, d)
+    ins = leaves(X, *params)
+    outs = pre_reference(*ins, 20)
+    cot = [torch.randn_like(o) for o in outs]
+    expected = torch.autograd.grad(outs, ins, cot)
+    got = reference.mhc_pre_backward(X, *params, *cot, 20, 1e-6)
+    for g, e in zip(got, expected):
+        assert rel_err(g, e) <= 1e-10
+    H_post, H_res = 2 * torch.rand(t, n, dtype=d), MF.sinkhorn(torch.randn(t, n, n, dtype=d), 3)
+    ins = leaves(X, y, H_post, H_res)
+    out = MF.post_res_mix(*ins)
+    g = torch.randn_like(out)
+    for a, e in zip(reference.post_res_backward(X, y, H_post, H_res, g), torch.autograd.grad(out, ins, g)):
+        assert rel_err(a, e) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: ops.mhc_pre(torch.randn(3, 9, 8), *pre_params(9, 8), 3, 1e-6), "1 ≤ n ≤ 8"),
+        (lambda: ops.mhc_pre(torch.randn(3, 2, 8), *pre_params(2, 9), 3, 1e-6), "phi must be"),
+        (lambda: ops.mhc_pre(torch.randn(3, 2, 8), *pre_params(2, 8), 0, 1e-6), "iters"),
+        (lambda: ops.post_res(torch.randn(3, 2, 8), torch.randn(3, 7), torch.rand(3, 2), torch.rand(3, 2, 2)), "shapes"),
+        (lambda: ops.post_res(torch.randn(3, 2, 8).int(), torch.randn(3, 8), torch.rand(3, 2), torch.rand(3, 2, 2)), "float"),
+    ],
+)
+def test_bad_inputs_name_the_problem(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
