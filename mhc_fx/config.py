@@ -41,6 +41,10 @@ class MHCConfig:
         dynamic: capture with dynamic sizes (every example-input dim ``Dim.AUTO``), so the
             converted model accepts other batch/sequence sizes.
         inplace: share the weights with the model passed in instead of copying them.
+        fused_ops: run mHC connections through the fused ``torch.ops.mhc_fx`` ops (Triton
+            kernels on CUDA, forward and backward) instead of the reference math; same
+            function. On CPU they run the reference (or the interpreted kernels under
+            ``TRITON_INTERPRET=1``). mHC only.
     """
 
     n: int = 4
@@ -53,6 +57,7 @@ class MHCConfig:
     feature_dim: int | None = None
     dynamic: bool = True
     inplace: bool = False
+    fused_ops: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= MAX_STREAMS:
@@ -73,6 +78,10 @@ class MHCConfig:
             raise ConfigError(
                 f"MHCConfig.feature_dim must be None (infer), 1 (channel-first) or -1 (feature-last), "
                 f"got {self.feature_dim!r}"
+            )
+        if self.fused_ops and self.method != "mhc":
+            raise ConfigError(
+                f"MHCConfig.fused_ops=True needs method='mhc' (the fused kernels compute mHC), got {self.method!r}"
             )
         if self.init == "preserve" and self.reduce == "sum" and self.n > 1 and self.method != "residual":
             raise ConfigError(

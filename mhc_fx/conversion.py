@@ -93,7 +93,10 @@ def _connection(config: MHCConfig, stream: Stream, index: int) -> Connection:
     block = stream.blocks[index]
     common = dict(index=index, stream_dim=stream.stream_dim, eps=config.eps, alpha_init=config.alpha_init)
     if config.method == "mhc":
-        return MHCConnection(config.n, block.channels, sinkhorn_iters=config.sinkhorn_iters, init=config.init, **common)
+        return MHCConnection(
+            config.n, block.channels, sinkhorn_iters=config.sinkhorn_iters, init=config.init, fused=config.fused_ops,
+            **common,
+        )
     return HCConnection(config.n, block.channels, dynamic=config.method == "hc", **common)
 
 

@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import MHCError
 from .converted import ConvertedModel
+from .kernels.ops import decompositions
 from .passes.capture import auto_dims, contiguous_inputs
 
 #: relative error allowed between ONNX Runtime and PyTorch
@@ -183,6 +184,7 @@ def export_onnx(
         shapes = auto_dims(args, kwargs, traced.forward) if dynamic else None
         try:
             ep = torch.export.export(traced, args, kwargs, dynamic_shapes=shapes, strict=False)
+            ep = ep.run_decompositions(decompositions())  # fused ops → the reference math
         except Exception as err:
             raise ExportError(
                 f"torch.export of {type(model).__name__} failed at op {_failing_op(err)}: {_first_line(err)}"

@@ -33,6 +33,11 @@ def test_sum_reduce_cannot_preserve():
     mhc_fx.MHCConfig(reduce="sum", init="paper")  # allowed from scratch
 
 
+def test_fused_ops_need_mhc():
+    with pytest.raises(mhc_fx.ConfigError, match="fused_ops=True needs method='mhc'"):
+        mhc_fx.MHCConfig(method="hc", fused_ops=True)
+
+
 def test_convert_rejects_a_bad_override():
     with pytest.raises(mhc_fx.ConfigError, match="MHCConfig.n"):
         mhc_fx.convert(TinyGPT(layers=1), (torch.randint(0, 96, (2, 8)),), n=-1)

@@ -226,8 +226,7 @@ def post_res_pre(
 
         X_next, *outs = pre.post_res_pre_fwd(*post_args, *pre_args)
     else:
-        X_next = reference.post_res(*post_args)
-        outs = reference.mhc_pre(X_next, *pre_args)
+        X_next, *outs = reference.post_res_pre(*post_args, *pre_args)
     return (X_next.reshape(X.shape), *_pre_outputs(X.shape[:-2], X.shape[-1], tuple(outs)))
 
 
@@ -254,3 +253,9 @@ def _post_pre_backward(ctx, dX_next, dh, dH_pre, dH_post, dH_res):
 
 
 post_res_pre.register_autograd(_post_pre_backward, setup_context=_post_pre_setup_context)
+
+
+def decompositions() -> dict:
+    """``{op overload: reference function}`` for ``ExportedProgram.run_decompositions``: the
+    forward ops become the reference math (the form ONNX export takes)."""
+    return {getattr(torch.ops.mhc_fx, name).default: fn for name, fn in reference.DECOMPOSITIONS.items()}

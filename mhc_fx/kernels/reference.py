@@ -1,4 +1,5 @@
-"""Pure-torch implementations of the fused ops: what they compute where Triton does not run.
+"""Pure-torch implementations of the fused ops: what they compute where Triton does not run,
+and what ONNX export decomposes them into.
 
 The forwards compose :mod:`mhc_fx.nn.functional` (the single source of truth). The backwards
 are written out in closed form, because autograd cannot run inside a custom op's body; the
@@ -26,6 +27,23 @@ def mhc_pre(
 def post_res(X: torch.Tensor, y: torch.Tensor, H_post: torch.Tensor, H_res: torch.Tensor) -> torch.Tensor:
     """``X_next = H_res·X + H_postᵀ·y`` (:func:`~mhc_fx.nn.functional.post_res_mix`)."""
     return MF.post_res_mix(X, y, H_post, H_res)
+
+
+def post_res_pre(
+    X: torch.Tensor, y: torch.Tensor, H_post: torch.Tensor, H_res: torch.Tensor,
+    phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, iters: int, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(X_next, h, H_pre, H_post', H_res')``: :func:`post_res`, then :func:`mhc_pre` on X_next."""
+    X_next = post_res(X, y, H_post, H_res)
+    return (X_next, *mhc_pre(X_next, phi, alpha, bias, iters, eps))
+
+
+#: What export decomposes the forward ops into (``ExportedProgram.run_decompositions``).
+DECOMPOSITIONS = {
+    "mhc_pre": mhc_pre,
+    "post_res": post_res,
+    "post_res_pre": post_res_pre,
+}
 
 
 def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int) -> torch.Tensor:

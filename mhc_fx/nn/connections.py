@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from ..kernels import ops as fused_ops
 from . import functional as MF
 
 #: ``init="preserve"``: the favoured stream ``k mod n`` of block k gets H_pre weight
@@ -65,10 +66,10 @@ class Connection(nn.Module):
     H_postᵀ·y`` is the ``post`` submodule, so the rewritten graph calls ``<connection>.post``.
     """
 
-    def __init__(self, n: int, channels: int, stream_dim: int) -> None:
+    def __init__(self, n: int, channels: int, stream_dim: int, fused: bool = False) -> None:
         super().__init__()
         self.n, self.channels, self.stream_dim = n, channels, stream_dim
-        self.post = PostResMix(stream_dim)
+        self.post = PostResMix(stream_dim, fused)
 
     def coefficients(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(H_pre [..., n], H_post [..., n], H_res [..., n, n])`` of a token-layout stream."""
@@ -96,6 +97,8 @@ class MHCConnection(Connection):
         n: streams; channels: C; index: block position in its stream (picks the favoured
         stream at ``init="preserve"``); stream_dim: the stream axis of X (feature axis after it);
         sinkhorn_iters, eps, alpha_init, init: see :class:`mhc_fx.MHCConfig`.
+        fused: compute the pre side and the mixing with the fused ops
+            (``torch.ops.mhc_fx.mhc_pre`` / ``post_res``: Triton kernels on CUDA).
     """
 
     def __init__(
@@ -109,9 +112,10 @@ class MHCConnection(Connection):
         eps: float = 1e-6,
         alpha_init: float = 0.01,
         init: str = "preserve",
+        fused: bool = False,
     ) -> None:
-        super().__init__(n, channels, stream_dim)
-        self.eps = eps
+        super().__init__(n, channels, stream_dim, fused)
+        self.eps, self.fused = eps, fused
         self.sinkhorn = Sinkhorn(sinkhorn_iters)
         m = n * n + 2 * n
         self.phi = nn.Parameter(torch.zeros(n * channels, m))
@@ -129,12 +133,19 @@ class MHCConnection(Connection):
         """``(H_pre [..., n], H_post [..., n], H_res [..., n, n])`` of a token-layout stream."""
         return MF.mhc_coefficients(X, self.phi, self.alpha, self.bias, eps=self.eps, project_res=self.sinkhorn)
 
+    def forward(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.fused:
+            return super().forward(X)
+        Xt = MF.to_token_layout(X, self.stream_dim)
+        h, _, H_post, H_res = fused_ops.mhc_pre(Xt, self.phi, self.alpha, self.bias, self.sinkhorn.iters, self.eps)
+        return MF.from_token_layout(h, self.stream_dim, X.dim()), H_post, H_res
+
     def no_weight_decay(self) -> set[str]:
         """Static parameters (HC paper §4: no weight decay on the static mixing parts)."""
         return {"alpha", "bias"}
 
     def extra_repr(self) -> str:
-        return f"n={self.n}, channels={self.channels}, stream_dim={self.stream_dim}"
+        return f"n={self.n}, channels={self.channels}, stream_dim={self.stream_dim}, fused={self.fused}"
 
 
 class HCConnection(Connection):
@@ -183,16 +194,18 @@ class HCConnection(Connection):
 
 
 def post_res_mix(
-    X: torch.Tensor, y: torch.Tensor, H_post: torch.Tensor, H_res: torch.Tensor, stream_dim: int
+    X: torch.Tensor, y: torch.Tensor, H_post: torch.Tensor, H_res: torch.Tensor, stream_dim: int, fused: bool = False
 ) -> torch.Tensor:
     """``X_next = H_res·X + H_postᵀ·y`` for a stream whose stream axis is ``stream_dim``.
 
     ``X`` e.g. ``[B, T, n, C]`` or ``[B, n, C, H, W]``; ``y`` has X's shape without the stream
-    axis; coefficients are in token layout (see :meth:`MHCConnection.forward`).
+    axis; coefficients are in token layout (see :meth:`MHCConnection.forward`). ``fused`` runs
+    ``torch.ops.mhc_fx.post_res`` instead of the reference.
     """
     Xt = MF.to_token_layout(X, stream_dim)
     yt = MF.to_token_layout(y.unsqueeze(stream_dim), stream_dim).squeeze(-2)
-    return MF.from_token_layout(MF.post_res_mix(Xt, yt, H_post, H_res), stream_dim, X.dim())
+    mix = fused_ops.post_res if fused else MF.post_res_mix
+    return MF.from_token_layout(mix(Xt, yt, H_post, H_res), stream_dim, X.dim())
 
 
 class Sinkhorn(nn.Module):
@@ -211,14 +224,15 @@ class Sinkhorn(nn.Module):
 
 
 class PostResMix(nn.Module):
-    """``X_next = H_res·X + H_postᵀ·y`` (:func:`post_res_mix`) for streams at ``stream_dim``."""
+    """``X_next = H_res·X + H_postᵀ·y`` (:func:`post_res_mix`) for streams at ``stream_dim``;
+    ``fused`` runs the fused op."""
 
-    def __init__(self, stream_dim: int) -> None:
+    def __init__(self, stream_dim: int, fused: bool = False) -> None:
         super().__init__()
-        self.stream_dim = stream_dim
+        self.stream_dim, self.fused = stream_dim, fused
 
     def forward(self, X: torch.Tensor, y: torch.Tensor, H_post: torch.Tensor, H_res: torch.Tensor) -> torch.Tensor:
-        return post_res_mix(X, y, H_post, H_res, self.stream_dim)
+        return post_res_mix(X, y, H_post, H_res, self.stream_dim, self.fused)
 
 
 class StreamExpand(nn.Module):
