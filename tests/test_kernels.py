@@ -16,7 +16,7 @@ needs_kernels = pytest.mark.skipif(
     "(conftest sets it when there is no GPU; on a GPU machine see test_kernels_gpu.py)",
 )
 ops = torch.ops.mhc_fx
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.float64: 1e-10}
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 T = 37  # not a multiple of the 16-token block
 ITERS = 4  # the interpreter pays iters²/2 Sinkhorn steps per backward; 20 is tested once below
 
@@ -212,3 +212,16 @@ def test_reference_backwards_match_autograd():
 def test_bad_inputs_name_the_problem(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@needs_kernels
+def test_kernel_benchmark_runs_under_the_interpreter():
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "kernels.py"
+    args = ["--interpret", "--no-compile", "--iters", "2", "--repeats", "1", "--tokens", "20", "--channels", "40"]
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "post_res+pre" in result.stdout and "'post_res_pre_fwd'" in result.stdout
