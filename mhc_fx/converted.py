@@ -12,9 +12,35 @@ from __future__ import annotations
 import inspect
 
 import torch.fx as fx
+import torch.utils.checkpoint
 from torch import nn
 
+from .passes.units import split_units
 from .report import ConversionReport
+
+
+def bind_graph(tree: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """A GraphModule running ``graph`` whose attribute namespace *is* ``tree``'s (its
+    parameters, buffers and submodules are read live, by path, at every call)."""
+    gm = fx.GraphModule(tree, graph, class_name=class_name)
+    for name in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
+        object.__setattr__(gm, name, getattr(tree, name))
+    return gm
+
+
+class UnitForward:
+    """The ``forward`` of a unit module after :meth:`ConvertedModel.split_units`: runs the
+    unit's region of the train or eval graph (by the module's mode), optionally under
+    ``torch.utils.checkpoint`` (activations recomputed in backward)."""
+
+    def __init__(self, module: nn.Module, train: fx.GraphModule, eval: fx.GraphModule, checkpoint: bool) -> None:
+        self.module, self.train, self.eval, self.checkpoint = module, train, eval, checkpoint
+
+    def __call__(self, *args):
+        region = self.train if self.module.training else self.eval
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(region, *args, use_reentrant=False)
+        return region(*args)
 
 
 class ConvertedModel(nn.Module):
@@ -36,16 +62,48 @@ class ConvertedModel(nn.Module):
         self._non_persistent_buffers_set = tree._non_persistent_buffers_set
         self._modules = tree._modules
         self.report = report
-        self.train_graph = self._bind(train_graph, "Train")
-        self.eval_graph = self.train_graph if eval_graph is train_graph else self._bind(eval_graph, "Eval")
+        self.train_graph = bind_graph(self, train_graph, "TrainGraph")
+        self.eval_graph = self.train_graph if eval_graph is train_graph else bind_graph(self, eval_graph, "EvalGraph")
         self.input_names = tuple(inspect.signature(self.train_graph.forward).parameters)
 
-    def _bind(self, graph: fx.Graph, mode: str) -> fx.GraphModule:
-        """A GraphModule running ``graph`` whose attribute namespace *is* this module's."""
-        gm = fx.GraphModule(self, graph, class_name=f"{mode}Graph")
-        for name in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
-            object.__setattr__(gm, name, getattr(self, name))
-        return gm
+    def default_units(self) -> list[str]:
+        """The modules owning the converted blocks (e.g. ``model.layers.0``), in block order."""
+        owners = [block.name.rpartition(".")[0] for block in self.report.blocks]
+        return [o for i, o in enumerate(owners) if o and o not in owners[:i]]
+
+    def split_units(self, units: list[str] | None = None, *, checkpoint: bool = False) -> list[str]:
+        """Make each unit (by default each block owner, with its connection modules) run as a
+        call of its own module, for FSDP2 ``fully_shard`` per block, activation checkpointing
+        and module hooks. Changes this model in place; its function is unchanged.
+
+        Args:
+            units: module paths, none inside another (default :meth:`default_units`).
+            checkpoint: run each unit under ``torch.utils.checkpoint`` (non-reentrant) when
+                gradients are enabled.
+
+        Returns:
+            the unit paths.
+
+        Raises:
+            ConversionError: a unit's ops cannot be gathered into one call.
+        """
+        units = list(units) if units is not None else self.default_units()
+        for u in units:
+            self.get_submodule(u)  # AttributeError naming a missing path
+        nested = [(a, b) for a in units for b in units if b.startswith(a + ".")]
+        if nested:
+            raise ValueError(f"split_units: units must not contain one another, got {nested[0]}")
+        graphs = {"train": self.train_graph} if self.eval_graph is self.train_graph else {
+            "train": self.train_graph, "eval": self.eval_graph}
+        regions: dict[str, dict[str, fx.GraphModule]] = {u: {} for u in units}
+        for mode, gm in graphs.items():
+            for unit, graph in split_units(gm.graph, units).items():
+                regions[unit][mode] = bind_graph(self, graph, f"{mode.title()}Unit")
+            gm.recompile()
+        for unit, modes in regions.items():
+            module = self.get_submodule(unit)
+            module.forward = UnitForward(module, modes["train"], modes.get("eval", modes["train"]), checkpoint)
+        return units
 
     def __setattr__(self, name, value):
         if name in ("train_graph", "eval_graph"):  # not submodules: they share this module's tree
