@@ -67,9 +67,17 @@ class ConvertedModel(nn.Module):
         self.input_names = tuple(inspect.signature(self.train_graph.forward).parameters)
 
     def default_units(self) -> list[str]:
-        """The modules owning the converted blocks (e.g. ``model.layers.0``), in block order."""
-        owners = [block.name.rpartition(".")[0] for block in self.report.blocks]
-        return [o for i, o in enumerate(owners) if o and o not in owners[:i]]
+        """The layers holding the converted blocks, in block order: each block's owner, widened
+        to the element of the innermost numbered container around it (``encoder.layer.0`` for a
+        block owned by ``encoder.layer.0.attention.output``; ``model.layers.0``; ``blocks.3``)."""
+        units: list[str] = []
+        for block in self.report.blocks:
+            parts = block.name.split(".")[:-1]
+            numbered = [i for i, p in enumerate(parts) if p.isdigit()]
+            unit = ".".join(parts[: numbered[-1] + 1] if numbered else parts)
+            if unit and unit not in units:
+                units.append(unit)
+        return units
 
     def split_units(self, units: list[str] | None = None, *, checkpoint: bool = False) -> list[str]:
         """Make each unit (by default each block owner, with its connection modules) run as a

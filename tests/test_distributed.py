@@ -79,3 +79,44 @@ def test_split_units_rejects_bad_units():
         model.split_units(["nothere"])
     with pytest.raises(ValueError, match="must not contain one another"):
         model.split_units(["blocks", "blocks.0"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name,units",
+    [
+        ("hf-llama", ["model.layers.0", "model.layers.1"]),
+        ("hf-bert", ["encoder.layer.0", "encoder.layer.1"]),
+        ("timm-resnet18", ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]),
+        ("torch-encoder-postnorm", ["layers.0", "layers.1"]),
+    ],
+)
+def test_split_units_with_checkpointing_on_real_models(name, units):
+    import mhc_fx
+
+    from .real_models import REAL_MODELS
+
+    build, inputs, _ = REAL_MODELS[name]
+    args, kwargs = inputs(2)
+    converted = mhc_fx.convert(build(), args, kwargs, sinkhorn_iters=3)
+    args, kwargs = inputs(3)
+
+    def step():
+        converted.zero_grad()
+        torch.manual_seed(1)  # same dropout masks in both runs (checkpoint replays the RNG)
+        out = converted(*args, **kwargs)
+        out = out if isinstance(out, torch.Tensor) else out[0]
+        out.float().square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in converted.named_parameters() if p.grad is not None}
+
+    ref_out, ref_grads = step()
+    assert converted.split_units(checkpoint=True) == units
+    calls = []
+    for unit in units:
+        converted.get_submodule(unit).register_forward_hook(lambda m, a, o: calls.append(m))
+    out, grads = step()
+    assert len(calls) == len(units)
+    assert torch.equal(out, ref_out)
+    assert grads.keys() == ref_grads.keys()
+    for n, g in grads.items():
+        assert rel_err(g, ref_grads[n]) <= 1e-6, n

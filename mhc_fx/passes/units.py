@@ -37,37 +37,50 @@ def unit_of(node: fx.Node, units: list[str], assigned: dict[fx.Node, str | None]
     return None
 
 
-def _depends_on(node: fx.Node, members: set[fx.Node]) -> bool:
-    return any(a in members for a in node.all_input_nodes)
+def _make_contiguous(graph: fx.Graph, unit: str, members: list[fx.Node], assigned: dict[fx.Node, str | None]) -> list[fx.Node]:
+    """Gather a unit's ops into one run of nodes; returns the run.
 
-
-def _make_contiguous(graph: fx.Graph, unit: str, members: list[fx.Node]) -> None:
-    """Move the other nodes lying between a unit's first and last node out of its span: before
-    it when they do not read the unit's values, after it when nothing of the unit reads them."""
+    The other ops between its first and last op move before it when they do not read the
+    unit's values, after it when the unit does not read theirs; ops belonging to no unit that
+    do both (sizes, stream reduce/expand, dropout between two sub-blocks) join the unit.
+    """
     inside = set(members)
     span, node = [], members[0]
     while node is not members[-1]:
         node = node.next
         if node not in inside and node.op != "get_attr":
             span.append(node)
-    tainted: set[fx.Node] = set(inside)
-    after = []
+    feeds: set[fx.Node] = set()
+    for node in reversed(span):
+        if any(user in inside or user in feeds for user in node.users):
+            feeds.add(node)
+    tainted, before, after = set(inside), [], []
     for node in span:
-        if _depends_on(node, tainted):
-            tainted.add(node)
+        if not any(a in tainted for a in node.all_input_nodes):
+            before.append(node)
+            continue
+        tainted.add(node)
+        if node not in feeds:
             after.append(node)
-        else:
-            members[0].prepend(node)
-    for node in after:
-        if any(user in inside for user in node.users):
+        elif assigned.get(node) not in (None, unit):
             raise ConversionError(
-                f"cannot run unit '{unit}' as one module call: its ops are interleaved with {node.format_node()}, "
-                "which reads the unit's values and feeds it; pass units= naming larger modules"
+                f"cannot run unit '{unit}' as one module call: {node.format_node()} of unit "
+                f"'{assigned[node]}' reads its values and feeds it; pass units= naming larger modules"
             )
+    for node in before:
+        members[0].prepend(node)
     anchor = members[-1]
     for node in after:
         anchor.append(node)
         anchor = node
+    moved = set(before) | set(after)
+    run, node = [], members[0]
+    while True:
+        if node.op != "get_attr" and node not in moved:
+            run.append(node)
+        if node is members[-1]:
+            return run
+        node = node.next
 
 
 def split_units(graph: fx.Graph, units: list[str]) -> dict[str, fx.Graph]:
@@ -79,6 +92,10 @@ def split_units(graph: fx.Graph, units: list[str]) -> dict[str, fx.Graph]:
     Raises:
         ConversionError: a unit's ops cannot be made contiguous, or a unit has no ops.
     """
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    for node in list(graph.nodes):  # attribute reads are pure: hoisted, they never sit in a span
+        if node.op == "get_attr" and node is not first:
+            first.prepend(node)
     assigned: dict[fx.Node, str | None] = {}
     for node in graph.nodes:
         assigned[node] = unit_of(node, units, assigned) if node.op not in ("placeholder", "output") else None
@@ -87,8 +104,7 @@ def split_units(graph: fx.Graph, units: list[str]) -> dict[str, fx.Graph]:
         members = [n for n in graph.nodes if assigned.get(n) == unit and n.op != "get_attr"]
         if not members:
             raise ConversionError(f"unit '{unit}' has no ops in the converted graph; pass units= naming its modules")
-        _make_contiguous(graph, unit, members)
-        regions[unit] = _extract(graph, unit, members)
+        regions[unit] = _extract(graph, unit, _make_contiguous(graph, unit, members, assigned))
     for node in reversed(list(graph.nodes)):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
