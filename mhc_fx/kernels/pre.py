@@ -95,6 +95,12 @@ def _widen(v, W: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
+def _zero_projections(acc_t: tl.constexpr, BT: tl.constexpr, W: tl.constexpr, RP: tl.constexpr):
+    """Accumulators of :func:`_project`: ``Σv² [BT]``, pre/post ``[BT, W]``, res ``[BT, RP²]``."""
+    return tl.zeros([BT], acc_t), tl.zeros([BT, W], acc_t), tl.zeros([BT, W], acc_t), tl.zeros([BT, RP * RP], acc_t)
+
+
+@triton.jit
 def _project(
     x, PHI, c0, C, sumsq, raw_pre, raw_post, raw_res,
     N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, RP: tl.constexpr, K: tl.constexpr,
@@ -200,10 +206,7 @@ def _pre_fwd(
     tm = t < T
     i = tl.arange(0, NP)
     im = i < N
-    sumsq = tl.zeros([BT], acc_t)
-    raw_pre = tl.zeros([BT, W], acc_t)
-    raw_post = tl.zeros([BT, W], acc_t)
-    raw_res = tl.zeros([BT, RP * RP], acc_t)
+    sumsq, raw_pre, raw_post, raw_res = _zero_projections(acc_t, BT, W, RP)
     for c0 in range(0, C, BC):
         c = c0 + tl.arange(0, BC)
         x = _stream_tile(X, t, tm, i, im, c, c < C, N, C).to(acc_t)
@@ -231,18 +234,14 @@ def _post_res_pre_fwd(
     i = tl.arange(0, NP)
     im = i < N
     hpost_in = tl.load(HPOST_IN + t[:, None] * N + i[None, :], mask=tm[:, None] & im[None, :], other=0.0)
-    sumsq = tl.zeros([BT], acc_t)
-    raw_pre = tl.zeros([BT, W], acc_t)
-    raw_post = tl.zeros([BT, W], acc_t)
-    raw_res = tl.zeros([BT, RP * RP], acc_t)
+    sumsq, raw_pre, raw_post, raw_res = _zero_projections(acc_t, BT, W, RP)
     for c0 in range(0, C, BC):
         c = c0 + tl.arange(0, BC)
         cm = c < C
         y = _token_tile(Y, t, tm, c, cm, C).to(acc_t)
         out = _mix(X, HRES_IN, hpost_in, y, t, tm, i, im, c, cm, C, N)
         _store_stream_tile(XN, out, t, tm, i, im, c, cm, N, C)
-        x = out.to(XN.dtype.element_ty).to(acc_t)
-        x = tl.where(im[None, :, None] & cm[None, None, :], x, 0.0)
+        x = out.to(XN.dtype.element_ty).to(acc_t)  # zero in masked lanes, like a masked load
         sumsq, raw_pre, raw_post, raw_res = _project(
             x, PHI, c0, C, sumsq, raw_pre, raw_post, raw_res, N, NP, W, RP, K, BT, BC, PREC
         )
@@ -273,10 +272,7 @@ def _pre_bwd(
     im = i < N
     ri = tl.arange(0, RP)
     rim = ri < N
-    sumsq = tl.zeros([BT], acc_t)
-    raw_pre = tl.zeros([BT, W], acc_t)
-    raw_post = tl.zeros([BT, W], acc_t)
-    raw_res = tl.zeros([BT, RP * RP], acc_t)
+    sumsq, raw_pre, raw_post, raw_res = _zero_projections(acc_t, BT, W, RP)
     x_dh = tl.zeros([BT, NP], acc_t)
     for c0 in range(0, C, BC):
         c = c0 + tl.arange(0, BC)
