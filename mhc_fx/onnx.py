@@ -61,6 +61,11 @@ class ExportReport:
     checks: list[ExportCheck] = dataclasses.field(default_factory=list)
 
 
+def _has_fused_ops(ep: torch.export.ExportedProgram) -> bool:
+    """Whether the program calls ``torch.ops.mhc_fx`` ops (then they must be decomposed)."""
+    return any(getattr(n.target, "namespace", None) == "mhc_fx" for n in ep.graph.nodes if n.op == "call_function")
+
+
 def _require(module: str, extra: str, purpose: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise ExportError(f"{purpose} needs the '{module}' package: pip install 'mhc_fx[{extra}]'")
@@ -184,7 +189,8 @@ def export_onnx(
         shapes = auto_dims(args, kwargs, traced.forward) if dynamic else None
         try:
             ep = torch.export.export(traced, args, kwargs, dynamic_shapes=shapes, strict=False)
-            ep = ep.run_decompositions(decompositions())  # fused ops → the reference math
+            if _has_fused_ops(ep):
+                ep = ep.run_decompositions(decompositions())  # fused ops → the reference math
         except Exception as err:
             raise ExportError(
                 f"torch.export of {type(model).__name__} failed at op {_failing_op(err)}: {_first_line(err)}"
