@@ -77,30 +77,18 @@ def implementations(op: str, v: dict, iters: int, compile_reference: bool) -> di
     """Name → forward function returning the outputs that get gradients."""
     pre_args = (v["phi"], v["alpha"], v["bias"], iters, 1e-6)
     post_args = (v["X"], v["y"], v["H_post"], v["H_res"])
-
-    def keep(outs):  # h, H_post, H_res: what a block uses downstream
-        return (outs[0], outs[2], outs[3])
-
-    fns = {
-        "pre": {
-            "mhc_fx": lambda: keep(ops.mhc_pre(v["X"], *pre_args)),
-            "eager": lambda: keep(reference.mhc_pre(v["X"], *pre_args)),
-        },
-        "post_res": {
-            "mhc_fx": lambda: (ops.post_res(*post_args),),
-            "eager": lambda: (reference.post_res(*post_args),),
-        },
-        "post_res+pre": {
-            "mhc_fx": lambda: (lambda o: (o[0], o[1], o[3], o[4]))(ops.post_res_pre(*post_args, *pre_args)),
-            "eager": lambda: (lambda o: (o[0], o[1], o[3], o[4]))(reference.post_res_pre(*post_args, *pre_args)),
-        },
+    # (fused op, reference, its inputs, the outputs a block uses downstream)
+    fused, ref, args, used = {
+        "pre": (ops.mhc_pre, reference.mhc_pre, (v["X"], *pre_args), lambda o: (o[0], o[2], o[3])),
+        "post_res": (ops.post_res, reference.post_res, post_args, lambda o: (o,)),
+        "post_res+pre": (
+            ops.post_res_pre, reference.post_res_pre, (*post_args, *pre_args), lambda o: (o[0], o[1], o[3], o[4])
+        ),
     }[op]
+    fns = {"mhc_fx": lambda: used(fused(*args)), "eager": lambda: used(ref(*args))}
     if compile_reference:
-        ref = {"pre": reference.mhc_pre, "post_res": reference.post_res, "post_res+pre": reference.post_res_pre}[op]
         compiled = torch.compile(ref, dynamic=False)
-        args = {"pre": (v["X"], *pre_args), "post_res": post_args, "post_res+pre": (*post_args, *pre_args)}[op]
-        pick = {"pre": keep, "post_res": lambda o: (o,), "post_res+pre": lambda o: (o[0], o[1], o[3], o[4])}[op]
-        fns["compile"] = lambda: pick(compiled(*args))
+        fns["compile"] = lambda: used(compiled(*args))
     liger = liger_functions(op, v, iters)
     if liger:
         fns["liger"] = liger

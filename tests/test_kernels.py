@@ -26,10 +26,10 @@ def pre_params(n, C, dtype=torch.float32):
     return (0.1 * torch.randn(n * C, K, dtype=dtype), 0.5 + torch.rand(3, dtype=dtype), torch.randn(K, dtype=dtype))
 
 
-def pre_reference(X, phi, alpha, bias, iters, eps=1e-6):
-    """Oracle: the functional reference in float64."""
-    H_pre, H_post, H_res = MF.mhc_coefficients(X, phi, alpha, bias, sinkhorn_iters=iters, eps=eps)
-    return MF.pre_mix(X, H_pre), H_pre, H_post, H_res
+# Oracles: the functional reference (mhc_fx/nn/functional.py) composed as the ops compose it,
+# evaluated on float64 copies of the inputs.
+pre_reference = reference.mhc_pre
+post_res_pre_reference = reference.post_res_pre
 
 
 def leaves(*ts):
@@ -78,11 +78,6 @@ def test_post_res_kernel_matches_reference(n, C, dtype):
     check_op(ops.post_res, MF.post_res_mix, (X, y, 2 * torch.rand(T, n), H_res), (), dtype)
 
 
-def post_res_pre_reference(X, y, H_post, H_res, phi, alpha, bias, iters, eps):
-    X_next = MF.post_res_mix(X, y, H_post, H_res)
-    return (X_next, *pre_reference(X_next, phi, alpha, bias, iters, eps))
-
-
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("n,C", [(1, 32), (2, 100), (4, 96), (8, 100)])
@@ -108,7 +103,7 @@ def test_leading_dims_and_empty_input():
     X, params = torch.randn(2, 3, 5, n, C), pre_params(n, C)
     outs = ops.mhc_pre(X, *params, ITERS, 1e-6)
     assert outs[0].shape == (2, 3, 5, C) and outs[3].shape == (2, 3, 5, n, n)
-    for out, ref in zip(outs, pre_reference(X.double(), *(p.double() for p in params), ITERS)):
+    for out, ref in zip(outs, pre_reference(X.double(), *(p.double() for p in params), ITERS, 1e-6)):
         assert rel_err(out, ref) <= 1e-5
     empty = ops.mhc_pre(torch.randn(0, n, C), *pre_params(n, C), ITERS, 1e-6)
     assert [tuple(t.shape) for t in empty] == [(0, C), (0, n), (0, n), (0, n, n)]
@@ -154,10 +149,10 @@ def test_opcheck(name):
     torch.library.opcheck(op, args)
 
 
-def mhc_layer(X, y, phi, alpha, bias):
-    """One mHC block's mixing around a fixed branch output y, through the ops."""
-    h, _, H_post, H_res = ops.mhc_pre(X, phi, alpha, bias, ITERS, 1e-6)
-    return ops.post_res(X, y * h, H_post, H_res)
+def mhc_layer(X, y, phi, alpha, bias, pre=ops.mhc_pre, post=ops.post_res):
+    """One mHC block's mixing around a fixed branch output y (through the ops by default)."""
+    h, _, H_post, H_res = pre(X, phi, alpha, bias, ITERS, 1e-6)
+    return post(X, y * h, H_post, H_res)
 
 
 @needs_kernels
@@ -175,6 +170,11 @@ def test_ops_compile_fullgraph_and_launch_kernels(backend):
     assert rel_err(out, eager) <= 1e-6
     for g, e in zip(grads, eager_grads):
         assert rel_err(g, e) <= 1e-6
+    ref_in = leaves(*(t.double() for t in inputs))
+    ref = mhc_layer(*ref_in, pre=reference.mhc_pre, post=reference.post_res)
+    assert rel_err(out, ref) <= 1e-5
+    for g, r in zip(grads, torch.autograd.grad(ref.square().sum(), ref_in)):
+        assert rel_err(g, r) <= 1e-5
     for kernel in ("mhc_pre_fwd", "mhc_pre_bwd", "post_res_fwd", "post_res_bwd"):
         assert runtime.launches[kernel] == before[kernel] + 1, kernel
 
@@ -185,7 +185,7 @@ def test_reference_backwards_match_autograd():
     X, y = torch.randn(t, n, C, dtype=d), torch.randn(t, C, dtype=d)
     params = pre_params(n, C, d)
     ins = leaves(X, *params)
-    outs = pre_reference(*ins, 20)
+    outs = pre_reference(*ins, 20, 1e-6)
     cot = [torch.randn_like(o) for o in outs]
     expected = torch.autograd.grad(outs, ins, cot)
     got = reference.mhc_pre_backward(X, *params, *cot, 20, 1e-6)

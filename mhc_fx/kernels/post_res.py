@@ -16,6 +16,14 @@ from . import runtime
 
 
 @triton.jit
+def _program_tokens(T, N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr):
+    """This program's tokens ``t [BT]`` and streams ``i [NP]``, with their validity masks."""
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    i = tl.arange(0, NP)
+    return t, t < T, i, i < N
+
+
+@triton.jit
 def _token_tile(PTR, t, tm, c, cm, C):
     """``[BT, BC]`` tile of a ``[T, C]`` tensor (zeros outside), as stored."""
     return tl.load(PTR + t[:, None] * C + c[None, :], mask=tm[:, None] & cm[None, :], other=0.0)
@@ -69,10 +77,7 @@ def _post_res_fwd(
     X, Y, HPOST, HRES, OUT, T, C,
     N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
 ):
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
-    tm = t < T
-    i = tl.arange(0, NP)
-    im = i < N
+    t, tm, i, im = _program_tokens(T, N, NP, BT)
     hpost = _coef_tile(HPOST, t, tm, i, im, N)
     for c0 in range(0, C, BC):
         c = c0 + tl.arange(0, BC)
@@ -95,10 +100,7 @@ def _post_res_bwd(
     N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
 ):
     acc_t = HRES.dtype.element_ty
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
-    tm = t < T
-    i = tl.arange(0, NP)
-    im = i < N
+    t, tm, i, im = _program_tokens(T, N, NP, BT)
     hpost = _coef_tile(HPOST, t, tm, i, im, N)
     dhpost = tl.zeros([BT, NP], acc_t)
     dhres = tl.zeros([BT, NP, NP], acc_t)

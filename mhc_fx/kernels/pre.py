@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .post_res import _mix, _store_stream_tile, _stream_tile, _token_tile
+from .post_res import _coef_tile, _mix, _program_tokens, _store_stream_tile, _stream_tile, _token_tile
+from .reference import gate_and_bias_grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,6 +96,24 @@ def _widen(v, W: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
+def _phi_rows(c0, C, N: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr):
+    """Rows of φ ``[NP·BC]`` (and their mask) matching a flattened ``[BT, NP, BC]`` stream tile
+    at channel step ``c0``: row ``i·C + c`` for stream i, channel c."""
+    f = tl.arange(0, NP * BC)
+    stream, ch = f // BC, c0 + f % BC
+    return stream * C + ch, (stream < N) & (ch < C)
+
+
+@triton.jit
+def _phi_columns(N: tl.constexpr, W: tl.constexpr, RP: tl.constexpr):
+    """Column offsets and masks of the coefficient tiles: ``w [W]`` (pre at 0, post at N) and
+    ``q [RP²]``, the res tile's offsets ``i·n + j`` past column 2N."""
+    w = tl.arange(0, W)
+    q = tl.arange(0, RP * RP)
+    return w, w < N, q // RP * N + q % RP, (q // RP < N) & (q % RP < N)
+
+
+@triton.jit
 def _zero_projections(acc_t: tl.constexpr, BT: tl.constexpr, W: tl.constexpr, RP: tl.constexpr):
     """Accumulators of :func:`_project`: ``Σv² [BT]``, pre/post ``[BT, W]``, res ``[BT, RP²]``."""
     return tl.zeros([BT], acc_t), tl.zeros([BT, W], acc_t), tl.zeros([BT, W], acc_t), tl.zeros([BT, RP * RP], acc_t)
@@ -109,20 +128,14 @@ def _project(
     """Add one channel step's ``Σ v²`` and ``v·φ`` (x: ``[BT, NP, BC]``, compute dtype)."""
     sumsq += tl.sum(tl.sum(x * x, axis=2), axis=1)
     x2 = tl.reshape(x, [BT, NP * BC])
-    f = tl.arange(0, NP * BC)
-    stream, ch = f // BC, c0 + f % BC
-    rows = stream * C + ch
-    rm = (stream < N) & (ch < C)
-    w = tl.arange(0, W)
-    wm = w < N
-    q = tl.arange(0, RP * RP)
-    qm = (q // RP < N) & (q % RP < N)
+    rows, rm = _phi_rows(c0, C, N, NP, BC)
+    w, wm, q, qm = _phi_columns(N, W, RP)
     base = PHI + rows[:, None] * K
     p = tl.load(base + w[None, :], mask=rm[:, None] & wm[None, :], other=0.0)
     raw_pre = tl.dot(x2, p, raw_pre, input_precision=PREC)
     p = tl.load(base + N + w[None, :], mask=rm[:, None] & wm[None, :], other=0.0)
     raw_post = tl.dot(x2, p, raw_post, input_precision=PREC)
-    p = tl.load(base + 2 * N + (q // RP * N + q % RP)[None, :], mask=rm[:, None] & qm[None, :], other=0.0)
+    p = tl.load(base + 2 * N + q[None, :], mask=rm[:, None] & qm[None, :], other=0.0)
     raw_res = tl.dot(x2, p, raw_res, input_precision=PREC)
     return sumsq, raw_pre, raw_post, raw_res
 
@@ -202,10 +215,7 @@ def _pre_fwd(
     BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr,
 ):
     acc_t = PHI.dtype.element_ty
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
-    tm = t < T
-    i = tl.arange(0, NP)
-    im = i < N
+    t, tm, i, im = _program_tokens(T, N, NP, BT)
     sumsq, raw_pre, raw_post, raw_res = _zero_projections(acc_t, BT, W, RP)
     for c0 in range(0, C, BC):
         c = c0 + tl.arange(0, BC)
@@ -229,11 +239,8 @@ def _post_res_pre_fwd(
     BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr,
 ):
     acc_t = PHI.dtype.element_ty
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
-    tm = t < T
-    i = tl.arange(0, NP)
-    im = i < N
-    hpost_in = tl.load(HPOST_IN + t[:, None] * N + i[None, :], mask=tm[:, None] & im[None, :], other=0.0)
+    t, tm, i, im = _program_tokens(T, N, NP, BT)
+    hpost_in = _coef_tile(HPOST_IN, t, tm, i, im, N)
     sumsq, raw_pre, raw_post, raw_res = _zero_projections(acc_t, BT, W, RP)
     for c0 in range(0, C, BC):
         c = c0 + tl.arange(0, BC)
@@ -266,10 +273,7 @@ def _pre_bwd(
     BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr,
 ):
     acc_t = PHI.dtype.element_ty
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
-    tm = t < T
-    i = tl.arange(0, NP)
-    im = i < N
+    t, tm, i, im = _program_tokens(T, N, NP, BT)
     ri = tl.arange(0, RP)
     rim = ri < N
     sumsq, raw_pre, raw_post, raw_res = _zero_projections(acc_t, BT, W, RP)
@@ -286,11 +290,10 @@ def _pre_bwd(
     r, hn_pre, hn_post, hn_res, H_pre, H_post, logits = _coefficients(
         sumsq, raw_pre, raw_post, raw_res, ALPHA, BIAS, C, eps, N, NP, W, RP, BT
     )
-    pair = tm[:, None] & im[None, :]
-    d_pre = tl.load(DHPRE + t[:, None] * N + i[None, :], mask=pair, other=0.0) + x_dh
+    d_pre = _coef_tile(DHPRE, t, tm, i, im, N) + x_dh
     d_pre = tl.where(im[None, :], d_pre * H_pre * (1.0 - H_pre), 0.0)
     half = H_post * 0.5
-    d_post = tl.load(DHPOST + t[:, None] * N + i[None, :], mask=pair, other=0.0) * 2.0 * half * (1.0 - half)
+    d_post = _coef_tile(DHPOST, t, tm, i, im, N) * 2.0 * half * (1.0 - half)
     d_post = tl.where(im[None, :], d_post, 0.0)
     square = tm[:, None, None] & rim[None, :, None] & rim[None, None, :]
     g_res = tl.load(DHRES + t[:, None, None] * (N * N) + ri[None, :, None] * N + ri[None, None, :], mask=square, other=0.0)
@@ -314,24 +317,18 @@ def _pre_bwd(
     wide_pre = _widen(draw_pre, W, NP, BT)
     wide_post = _widen(draw_post, W, NP, BT)
     flat_res = tl.reshape(draw_res, [BT, RP * RP])
-    w = tl.arange(0, W)
-    wm = w < N
-    q = tl.arange(0, RP * RP)
-    qm = (q // RP < N) & (q % RP < N)
+    w, wm, q, qm = _phi_columns(N, W, RP)
     for c0 in range(0, C, BC):
         c = c0 + tl.arange(0, BC)
         cm = c < C
-        f = tl.arange(0, NP * BC)
-        stream, ch = f // BC, c0 + f % BC
-        rows = stream * C + ch
-        rm = (stream < N) & (ch < C)
+        rows, rm = _phi_rows(c0, C, N, NP, BC)
         base = PHI + rows[None, :] * K
         dv = tl.zeros([BT, NP * BC], acc_t)
         p = tl.load(base + w[:, None], mask=wm[:, None] & rm[None, :], other=0.0)
         dv = tl.dot(wide_pre, p, dv, input_precision=PREC)
         p = tl.load(base + N + w[:, None], mask=wm[:, None] & rm[None, :], other=0.0)
         dv = tl.dot(wide_post, p, dv, input_precision=PREC)
-        p = tl.load(base + 2 * N + (q // RP * N + q % RP)[:, None], mask=qm[:, None] & rm[None, :], other=0.0)
+        p = tl.load(base + 2 * N + q[:, None], mask=qm[:, None] & rm[None, :], other=0.0)
         dv = tl.dot(flat_res, p, dv, input_precision=PREC)
         x = _stream_tile(X, t, tm, i, im, c, cm, N, C).to(acc_t)
         dh = _token_tile(DH, t, tm, c, cm, C).to(acc_t)
@@ -423,10 +420,7 @@ def mhc_pre_bwd(
             X, phi, alpha, bias, dh, dH_pre, dH_post, dH_res, dX, dht, hn, draw, T, C, eps, iters, **_tiles(X)
         )
         runtime.count("mhc_pre_bwd")
-    dphi = _phi_grad(X, draw)
-    prod = (dht * hn).sum(dim=0)
-    dalpha = torch.stack([prod[:n].sum(), prod[n : 2 * n].sum(), prod[2 * n :].sum()])
-    return dX, dphi, dalpha, dht.sum(dim=0)
+    return (dX, _phi_grad(X, draw), *gate_and_bias_grads(dht, hn, n))
 
 
 def _phi_grad(X: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,7 @@ def mhc_pre_backward(
     phi, alpha, bias = phi.to(dt), alpha.to(dt), bias.to(dt)
     r = torch.sqrt(v.square().mean(dim=-1, keepdim=True) + eps)  # [T, 1]
     hn = (v @ phi) / r  # [T, K]
-    gate = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
+    gate = MF.group_gate(alpha, n)
     ht = hn * gate + bias
     H_pre, half = torch.sigmoid(ht[:, :n]), torch.sigmoid(ht[:, n : 2 * n])
     x_dh = (X.to(dt) * dh.to(dt).unsqueeze(1)).sum(dim=-1)  # [T, n]
@@ -87,9 +87,14 @@ def mhc_pre_backward(
     dr = -(draw * hn).sum(dim=-1, keepdim=True)
     dv = draw @ phi.T + dr * v / (n * C * r)
     dX = dv.unflatten(-1, (n, C)) + H_pre.unsqueeze(-1) * dh.to(dt).unsqueeze(1)
+    return (dX.to(X.dtype), v.T @ draw, *gate_and_bias_grads(dht, hn, n))
+
+
+def gate_and_bias_grads(dht: torch.Tensor, hn: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dα [3], db [K])`` from the per-token ``dh̃`` and ``hn = raw / r`` (both ``[T, K]``):
+    ``db = Σ_t dh̃``, ``dα_g = Σ_t Σ_{k∈g} dh̃·hn``."""
     prod = (dht * hn).sum(dim=0)
-    dalpha = torch.stack([prod[:n].sum(), prod[n : 2 * n].sum(), prod[2 * n :].sum()])
-    return dX.to(X.dtype), v.T @ draw, dalpha, dht.sum(dim=0)
+    return torch.stack([prod[:n].sum(), prod[n : 2 * n].sum(), prod[2 * n :].sum()]), dht.sum(dim=0)
 
 
 def post_res_backward(

@@ -27,6 +27,7 @@ __all__ = [
     "compute_dtype",
     "sinkhorn",
     "mhc_coefficients",
+    "group_gate",
     "hc_coefficients",
     "pre_mix",
     "post_res_mix",
@@ -65,6 +66,12 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     return m
 
 
+def group_gate(alpha: torch.Tensor, n: int) -> torch.Tensor:
+    """mHC's gating vector ``[n²+2n]``: ``α_pre`` on the n pre columns, ``α_post`` on the n
+    post columns, ``α_res`` on the n² res columns (the column order of φ and b)."""
+    return torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
+
+
 def mhc_coefficients(
     X: torch.Tensor,
     phi: torch.Tensor,
@@ -100,9 +107,7 @@ def mhc_coefficients(
     v = X.flatten(-2).to(dt)  # [..., nC]
     r = torch.sqrt(v.square().mean(dim=-1, keepdim=True) + eps)  # [..., 1]
     raw = v @ phi.to(dt)  # [..., n²+2n]
-    a = alpha.to(dt)
-    gate = torch.cat([a[0].expand(n), a[1].expand(n), a[2].expand(n * n)])  # [n²+2n]
-    h = raw * gate / r + bias.to(dt)
+    h = raw * group_gate(alpha.to(dt), n) / r + bias.to(dt)
     h_pre, h_post, h_res = h.split([n, n, n * n], dim=-1)
     H_pre = torch.sigmoid(h_pre)
     H_post = 2.0 * torch.sigmoid(h_post)
