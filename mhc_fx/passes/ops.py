@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 
+import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
@@ -64,6 +65,16 @@ BINARY_TORCH = {operator.mul, operator.truediv, torch.mul, torch.div}
 NORM_ATEN = {aten.layer_norm.default, aten.rms_norm.default}
 NORM_TORCH = {torch.nn.functional.layer_norm, torch.nn.functional.rms_norm}
 NORM_MODULES = (nn.LayerNorm, nn.RMSNorm)
+
+
+def dataflow_graph(graph: fx.Graph) -> nx.DiGraph:
+    """The graph's nodes as a networkx DAG, an edge from each input to its user."""
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node)
+        for src in node.all_input_nodes:
+            g.add_edge(src, node)
+    return g
 
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:

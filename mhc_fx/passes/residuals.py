@@ -66,15 +66,6 @@ def module_path(node: fx.Node, gm: fx.GraphModule | None = None) -> list[str]:
     return [p for p in paths if p]
 
 
-def _graph(gm: fx.GraphModule) -> nx.DiGraph:
-    g = nx.DiGraph()
-    for node in gm.graph.nodes:
-        g.add_node(node)
-        for src in node.all_input_nodes:
-            g.add_edge(src, node)
-    return g
-
-
 def mutated_values(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes whose storage an in-place op left in the graph writes to (through views)."""
     out = set()
@@ -170,7 +161,7 @@ def find_residual_adds(
         gm: a captured graph (ATen from torch.export, or torch-level from symbolic_trace).
         feature_dim: force the feature axis (1 or -1) instead of inferring it per residual.
     """
-    g = _graph(gm)
+    g = ops.dataflow_graph(gm.graph)
     params = ops.parameter_nodes(gm)
     weighted = {n for n in gm.graph.nodes if ops.is_weighted(gm, n, params)}
     nodes = list(gm.graph.nodes)
