@@ -12,6 +12,15 @@ from .report import BlockReport, ConversionReport
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # ``mhc_fx.backend`` (the torch.compile backend) imports Inductor: loaded on first use.
+    if name == "backend":
+        import importlib
+
+        return importlib.import_module(".backend", __name__)
+    raise AttributeError(f"module 'mhc_fx' has no attribute {name!r}")
+
 __all__ = [
     "MHCConfig",
     "convert",
