@@ -123,9 +123,14 @@ def mhc_pre_backward(
     return dX.reshape(X.shape), dphi.to(phi.dtype), dalpha.to(alpha.dtype), dbias.to(bias.dtype)
 
 
+def _dense_like(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Contiguous tensors shaped like ``tensors`` (what the ops return, whatever the inputs' strides)."""
+    return tuple(t.new_empty(t.shape) for t in tensors)
+
+
 @mhc_pre_backward.register_fake
 def _(X, phi, alpha, bias, dh, dH_pre, dH_post, dH_res, iters, eps):
-    return torch.empty_like(X), torch.empty_like(phi), torch.empty_like(alpha), torch.empty_like(bias)
+    return _dense_like(X, phi, alpha, bias)
 
 
 def _pre_setup_context(ctx, inputs, output):
@@ -174,7 +179,7 @@ def post_res(X: Tensor, y: Tensor, H_post: Tensor, H_res: Tensor) -> Tensor:
 @post_res.register_fake
 def _(X, y, H_post, H_res):
     _check_post(X, y, H_post, H_res)
-    return torch.empty_like(X)
+    return X.new_empty(X.shape)
 
 
 @torch.library.custom_op("mhc_fx::post_res_backward", mutates_args=())
@@ -195,7 +200,7 @@ def post_res_backward(X: Tensor, y: Tensor, H_post: Tensor, H_res: Tensor, grad:
 
 @post_res_backward.register_fake
 def _(X, y, H_post, H_res, grad):
-    return torch.empty_like(X), torch.empty_like(y), torch.empty_like(H_post), torch.empty_like(H_res)
+    return _dense_like(X, y, H_post, H_res)
 
 
 def _post_setup_context(ctx, inputs, output):
@@ -233,7 +238,7 @@ def post_res_pre(
 @post_res_pre.register_fake
 def _(X, y, H_post, H_res, phi, alpha, bias, iters, eps):
     _check_post(X, y, H_post, H_res)
-    return (torch.empty_like(X), *_pre_fake(X, phi, alpha, bias, iters, eps))
+    return (X.new_empty(X.shape), *_pre_fake(X, phi, alpha, bias, iters, eps))
 
 
 def _post_pre_setup_context(ctx, inputs, output):

@@ -52,12 +52,6 @@ FUSED_OPS = {
 }
 #: ops that read a projection's activation operand as a (reshaped) copy of the stream.
 _PROJECTIONS = {aten.matmul.default, aten.mm.default, aten.linear.default, aten.addmm.default, aten.einsum.default}
-#: ops that change a tensor's layout or dtype but not its values (the stream behind ``vec(X)``).
-_RESHAPES = {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
-    aten.to.dtype, aten._to_copy.default, aten.contiguous.default, aten.clone.default,
-    aten.alias.default, aten.unflatten.int,
-}
 #: how far (in ops) the mixing ``X_next`` may lie from its inputs.
 _MIX_DEPTH = 8
 _MAX_STREAMS = 8
@@ -256,16 +250,17 @@ class PreMatch:
 
 
 def _stream_of(operand: fx.Node, n: int) -> fx.Node | None:
-    """Follow reshapes/casts back from ``vec(X) [..., nC]`` to ``X [..., n, C]``."""
-    node = operand
+    """The stream ``X [..., n, C]`` nearest above the projection's operand ``[..., nC]`` (its
+    reshape, or an RMS-normalised copy of it), within ``_MIX_DEPTH`` ops."""
     width = (_shape(operand) or (0,))[-1]
-    while True:
-        shape = _shape(node)
-        if shape is not None and len(shape) >= 2 and shape[-2] == n and shape[-2] * shape[-1] == width:
-            return node
-        if node.target not in _RESHAPES or not isinstance(node.args[0], fx.Node):
-            return None
-        node = node.args[0]
+    frontier, seen = [operand], {operand}
+    for _ in range(_MIX_DEPTH):
+        for node in frontier:
+            shape = _shape(node)
+            if shape is not None and len(shape) >= 2 and shape[-2] == n and shape[-2] * shape[-1] == width:
+                return node
+        frontier = [s for node in frontier for s in node.all_input_nodes if s not in seen and not seen.add(s)]
+    return None
 
 
 def _find_stream(g: nx.DiGraph, chain: SinkhornChain) -> tuple[fx.Node, fx.Node] | None:
@@ -286,36 +281,46 @@ def _order(node: fx.Node) -> int:
 
 
 def _region(g: nx.DiGraph, X: fx.Node, chain: SinkhornChain) -> tuple[list[fx.Node], list[fx.Node]] | str:
-    """``(nodes, leaves)``: what is computed from ``X`` and the parameters it meets on the way
-    to the Sinkhorn chain, grown forward to every user computed from those alone; ``leaves``
-    are the graph inputs (parameters) it reads. A string says why there is no such region."""
-    below_X = nx.descendants(g, X)
-    above_X = nx.ancestors(g, X)
-    core = (below_X & nx.ancestors(g, chain.end)) | {chain.end}
+    """``(nodes, leaves)``: what is computed from ``X`` and parameters alone around the chain —
+    the chain's ancestry from ``X``; then every coefficient-sized value (≤ n²+2n per token)
+    computed from those and parameters (gates, biases, sigmoids); then every value computed
+    from those and ``X`` alone (``H_pre·X``). ``leaves`` are the parameters (graph inputs) it
+    reads. A string says why there is no such region."""
+    below, above = nx.descendants(g, X), nx.ancestors(g, X)
+
+    def parameter_side(s: fx.Node) -> bool:
+        return s is not X and s not in below and s not in above
+
+    region = (below & nx.ancestors(g, chain.end)) | {chain.end}
+    n, C = _shape(X)[-2:]
+    coefficients = math.prod(_shape(X)[:-2]) * (n * n + 2 * n)
+    for u in sorted(below - region, key=_order):
+        shape, srcs = _shape(u), u.all_input_nodes
+        small = shape is None or math.prod(shape) <= coefficients
+        if u.op == "call_function" and small and any(s in region for s in srcs) and all(
+            s in region or parameter_side(s) or (s is X and shape is None) for s in srcs
+        ):
+            region.add(u)
     leaves: set[fx.Node] = set()
-    todo = list(core)
+    todo = [s for u in region for s in u.all_input_nodes]
     while todo:
-        node = todo.pop()
-        for src in node.all_input_nodes:
-            if src is X or src in core:
-                continue
-            if src.op == "placeholder":
-                leaves.add(src)
-            elif src in below_X or src in above_X and not _is_const(src):
-                return f"the coefficients also read {src.name}, which is not a parameter"
-            else:
-                core.add(src)
-                todo.append(src)
-    region = set(core)
-    inputs = region | leaves | {X}
-    for node in sorted(below_X, key=_order):
-        if node in region or node.op != "call_function":
+        s = todo.pop()
+        if s is X or s in region or s in leaves:
             continue
-        srcs = node.all_input_nodes
-        if srcs and all(s in inputs for s in srcs):
-            region.add(node)
-            inputs.add(node)
-    if any(_nondeterministic(n) for n in region):
+        if s.op == "placeholder":
+            leaves.add(s)
+        elif s in above and not _is_const(s):
+            return f"the coefficients also read {s.name}, which is not a parameter"
+        else:
+            region.add(s)
+            todo += s.all_input_nodes
+    mixes: set[fx.Node] = set()
+    for u in sorted(below - region, key=_order):
+        srcs = u.all_input_nodes
+        if u.op == "call_function" and srcs and all(s is X or s in region or s in mixes for s in srcs):
+            mixes.add(u)
+    region |= mixes
+    if any(_nondeterministic(u) for u in region):
         return "the coefficient subgraph contains a random op"
     return sorted(region, key=_order), sorted(leaves, key=_order)
 
@@ -547,13 +552,16 @@ def fuse_mhc(gm: fx.GraphModule, refresh_meta, cross_layer: bool = True) -> Fusi
     posts = {}  # pre op node → post_res op node
     for op, match in pres:
         H_post, H_res = (u for u in sorted(op.users, key=lambda u: u.args[1]) if u.args[1] in (2, 3))
-        post = match_post(gm, g, match.X, H_post, H_res)
+        X = op.args[0]  # the stream as it is now (an earlier block's mixing may have been replaced)
+        post = match_post(gm, g, X, H_post, H_res)
         if post is None:
             report.unfused.append(Unfused("post_res", match.owner, "no node computes H_res·X + H_postᵀ·y from this block's coefficients"))
             continue
         with graph.inserting_before(post.X_next):
-            new = graph.call_function(torch.ops.mhc_fx.post_res.default, (match.X, post.y, H_post, H_res))
+            new = graph.call_function(torch.ops.mhc_fx.post_res.default, (X, post.y, H_post, H_res))
         post.X_next.replace_all_uses_with(new)
+        new.meta.update(val=post.X_next.meta["val"], _order=_order(post.X_next) - 0.5)
+        g.add_edges_from([(src, new) for src in new.all_input_nodes] + [(new, user) for user in new.users])
         posts[op] = new
     graph.eliminate_dead_code()
     refresh_meta(gm)

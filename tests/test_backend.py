@@ -1,0 +1,187 @@
+"""``torch.compile(model, backend="mhc")``: the mHC subgraphs of converted real models and of
+an mHC layer written without mhc_fx are fused into the mhc_fx ops (the Triton kernels,
+interpreted on CPU, are what runs), and outputs and gradients equal eager."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import _pytree as pytree
+
+import mhc_fx
+import mhc_fx.backend
+from mhc_fx.errors import ConfigError
+from mhc_fx.kernels import runtime
+from mhc_fx.zoo import TinyGPT
+
+from .conftest import rel_err
+from .real_models import REAL_MODELS
+from .test_fused_modules import ITERS, _randomize_connections
+from .test_kernels import needs_kernels
+
+
+def _floats(out):
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _loss(out) -> torch.Tensor:
+    return sum(t.square().mean() for t in _floats(out))
+
+
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _eager_and_compiled(model: nn.Module, args, kwargs, backend="mhc"):
+    """Outputs and parameter gradients of ``model`` eager and compiled (``fullgraph=True``),
+    the kernel launches of the compiled step, and the backend's fusion report."""
+    out = model(*args, **kwargs)
+    _loss(out).backward()
+    eager = (_floats(out), _grads(model))
+    model.zero_grad(set_to_none=True)
+    mhc_fx.backend.clear_reports()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    before = runtime.launches.copy()
+    out = compiled(*args, **kwargs)
+    _loss(out).backward()
+    launched = runtime.launches - before
+    (report,) = mhc_fx.backend.reports()
+    return eager, (_floats(out), _grads(model)), launched, report
+
+
+def _assert_equal(eager, compiled, tol=1e-5):
+    (outs, grads), (c_outs, c_grads) = eager, compiled
+    assert len(outs) == len(c_outs) > 0
+    for out, ref in zip(c_outs, outs):
+        assert rel_err(out, ref) <= tol
+    assert grads.keys() == c_grads.keys() and grads
+    for name, ref in grads.items():
+        assert rel_err(c_grads[name], ref) <= tol, name
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["hf-gpt2", "hf-llama", "hf-vit"])
+def test_converted_real_model_is_fused_and_matches_eager(name):
+    pytest.importorskip("transformers")
+    factory, example, _ = REAL_MODELS[name]
+    args, kwargs = example(2)
+    model = mhc_fx.convert(factory().eval(), args, kwargs, n=4, sinkhorn_iters=ITERS).train()
+    _randomize_connections(model)
+    eager, compiled, launched, report = _eager_and_compiled(model, args, kwargs)
+    _assert_equal(eager, compiled)
+    blocks = model.report.num_blocks
+    assert report.num_pre == report.num_post_res == blocks, str(report)
+    assert report.counts["post_res_pre"] == blocks - 1, str(report)  # every block after the first
+    assert not report.unfused, str(report)
+    # the Triton kernels (interpreted) are what ran: one launch per block and direction
+    assert launched["mhc_pre_fwd"] + launched["post_res_pre_fwd"] == blocks
+    assert launched["post_res_fwd"] == 1  # the last block's mixing; the others ran merged
+    assert launched["mhc_pre_bwd"] == launched["post_res_bwd"] == blocks
+
+
+class PaperStyleMHC(nn.Module):
+    """An mHC residual block written from the paper, without mhc_fx: a Linear-style projection
+    weight ``[n²+2n, nC]`` applied after an rsqrt RMS norm, three scalar gates, one bias sliced
+    three ways, einsum mixes and a Python Sinkhorn loop of 10 iterations (``rows_first`` makes
+    it a different function: the row/column order mhc_fx's op does not compute)."""
+
+    def __init__(self, dim: int, n: int, rows_first: bool = False) -> None:
+        super().__init__()
+        self.n, self.rows_first = n, rows_first
+        k = n * n + 2 * n
+        self.weight = nn.Parameter(torch.randn(k, n * dim) * 0.1)
+        self.bias = nn.Parameter(torch.randn(k) * 0.3)
+        self.gate_pre, self.gate_post, self.gate_res = (nn.Parameter(torch.tensor(v)) for v in (0.8, 0.6, 1.1))
+        self.branch = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:  # X [B, T, n, C]
+        B, T, n, C = X.shape
+        flat = X.reshape(B, T, n * C)
+        logits = F.linear(flat * torch.rsqrt((flat * flat).mean(-1, keepdim=True) + 1e-6), self.weight)
+        b = self.bias
+        H_pre = torch.sigmoid(self.gate_pre * logits[..., :n] + b[:n])
+        H_post = 2 * torch.sigmoid(self.gate_post * logits[..., n : 2 * n] + b[n : 2 * n])
+        M = (self.gate_res * logits[..., 2 * n :] + b[2 * n :]).view(B, T, n, n).exp()
+        axes = (3, 2) if self.rows_first else (2, 3)
+        for _ in range(10):
+            M = M / torch.sum(M, dim=axes[0], keepdim=True)
+            M = M / torch.sum(M, dim=axes[1], keepdim=True)
+        y = self.branch(torch.einsum("btn,btnc->btc", H_pre, X))
+        return torch.einsum("btij,btjc->btic", M, X) + H_post.unsqueeze(-1) * y.unsqueeze(-2)
+
+
+class PaperStyleNet(nn.Module):
+    def __init__(self, dim: int = 24, n: int = 4) -> None:
+        super().__init__()
+        self.n = n
+        self.embed = nn.Linear(dim, dim)
+        self.blocks = nn.ModuleList([PaperStyleMHC(dim, n), PaperStyleMHC(dim, n), PaperStyleMHC(dim, n, rows_first=True)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        X = self.embed(x).unsqueeze(-2).expand(-1, -1, self.n, -1)
+        for block in self.blocks:
+            X = block(X)
+        return X.flatten(-2)
+
+
+@needs_kernels
+def test_hand_written_mhc_layer_is_fused(caplog):
+    model = PaperStyleNet()
+    x = torch.randn(2, 5, 24)
+    with caplog.at_level(logging.INFO, logger="mhc_fx.backend"):
+        eager, compiled, launched, report = _eager_and_compiled(model, (x,), {})
+    _assert_equal(eager, compiled)
+    # blocks 0 and 1 fused (1's pre merged with 0's mixing); block 2 normalises rows first
+    assert report.counts == {"pre": 1, "post_res_pre": 1, "post_res": 1}, str(report)
+    assert [u.reason for u in report.unfused] == ["Sinkhorn steps 'rcrcrcrcrcrcrcrcrcrc' are not (column, row) pairs"]
+    assert report.fused[0].owner == "blocks.0"
+    assert launched["mhc_pre_fwd"] == launched["post_res_pre_fwd"] == launched["post_res_fwd"] == 1
+    assert "mhc fusion: 1 pre, 1 post_res, 1 post_res_pre" in caplog.text
+
+
+def _saved_bytes(model: nn.Module, ids: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one forward."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids)
+    return sum(seen.values())
+
+
+def test_recompute_lowers_saved_bytes_with_unchanged_gradients(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the ops' CPU path: 24 interpreted blocks would be slow
+    ids = torch.randint(0, 96, (2, 16))
+    gpt = TinyGPT(layers=12, dim=32, heads=2)
+    model = mhc_fx.convert(gpt, (ids,), n=4, sinkhorn_iters=ITERS)
+    _randomize_connections(model)
+    saved, grads = {}, {}
+    for name, net, backend in [
+        ("baseline", gpt, "inductor"),
+        ("mhc", model, "mhc"),
+        ("mhc+recompute", model, mhc_fx.backend.options(recompute=True)),
+    ]:
+        torch._dynamo.reset()
+        compiled = torch.compile(net, backend=backend, fullgraph=True)
+        net.zero_grad(set_to_none=True)
+        compiled(ids).square().mean().backward()
+        grads[name] = _grads(net)
+        saved[name] = _saved_bytes(compiled, ids)
+    print("saved for backward (bytes):", saved)
+    assert saved["mhc+recompute"] < 0.85 * saved["mhc"]
+    assert "L_r=4: 6 of 24 block streams saved" in mhc_fx.backend.reports()[-1].recompute
+    for name, ref in grads["mhc"].items():
+        assert rel_err(grads["mhc+recompute"][name], ref) <= 1e-6, name
+
+
+def test_backend_is_registered_and_checks_its_options():
+    assert "mhc" in torch._dynamo.list_backends()
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['recomptue'\]"):
+        mhc_fx.backend.options(recomptue=True)
+    with pytest.raises(ConfigError, match="recompute_every must be an int ≥ 1"):
+        mhc_fx.backend.BackendOptions.parse({"recompute": True, "recompute_every": 0})
