@@ -2,6 +2,7 @@
 an mHC layer written without mhc_fx are fused into the mhc_fx ops (the Triton kernels,
 interpreted on CPU, are what runs), and outputs and gradients equal eager."""
 
+import copy
 import logging
 
 import pytest
@@ -34,12 +35,20 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def _eager_and_compiled(model: nn.Module, args, kwargs, backend="mhc"):
-    """Outputs and parameter gradients of ``model`` eager and compiled (``fullgraph=True``),
-    the kernel launches of the compiled step, and the backend's fusion report."""
+def _double(tree):
+    return pytree.tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, tree)
+
+
+def _eager_and_compiled(model: nn.Module, oracle: nn.Module, args, kwargs, backend="mhc"):
+    """Outputs and parameter gradients of ``oracle`` (``model`` in float64), of ``model`` eager
+    and compiled (``fullgraph=True``), the kernel launches of the compiled step, and the
+    backend's fusion report."""
+    out = oracle(*_double(args), **_double(kwargs))
+    _loss(out).backward()
+    runs = [(_floats(out), _grads(oracle))]
     out = model(*args, **kwargs)
     _loss(out).backward()
-    eager = (_floats(out), _grads(model))
+    runs.append((_floats(out), _grads(model)))
     model.zero_grad(set_to_none=True)
     mhc_fx.backend.clear_reports()
     compiled = torch.compile(model, backend=backend, fullgraph=True)
@@ -47,18 +56,24 @@ def _eager_and_compiled(model: nn.Module, args, kwargs, backend="mhc"):
     out = compiled(*args, **kwargs)
     _loss(out).backward()
     launched = runtime.launches - before
+    runs.append((_floats(out), _grads(model)))
     (report,) = mhc_fx.backend.reports()
-    return eager, (_floats(out), _grads(model)), launched, report
+    return runs, launched, report
 
 
-def _assert_equal(eager, compiled, tol=1e-5):
-    (outs, grads), (c_outs, c_grads) = eager, compiled
+def _assert_equal(runs, tol=1e-5):
+    """Compiled outputs and gradients equal eager fp32 to ``tol``, or (where eager fp32 itself
+    is off the float64 oracle by more, as the gates' gradients — sums over tokens that nearly
+    cancel — can be) are within a few times eager's own rounding of the oracle: two fp32 sums
+    in different orders round differently, a wrong fusion is off by orders of magnitude."""
+    (ref_outs, ref_grads), (outs, grads), (c_outs, c_grads) = runs
     assert len(outs) == len(c_outs) > 0
     for out, ref in zip(c_outs, outs):
         assert rel_err(out, ref) <= tol
-    assert grads.keys() == c_grads.keys() and grads
+    assert ref_grads.keys() == grads.keys() == c_grads.keys() and grads
     for name, ref in grads.items():
-        assert rel_err(c_grads[name], ref) <= tol, name
+        bound = max(tol, 4 * rel_err(ref, ref_grads[name]))
+        assert rel_err(c_grads[name], ref) <= tol or rel_err(c_grads[name], ref_grads[name]) <= bound, name
 
 
 @needs_kernels
@@ -67,10 +82,16 @@ def test_converted_real_model_is_fused_and_matches_eager(name):
     pytest.importorskip("transformers")
     factory, example, _ = REAL_MODELS[name]
     args, kwargs = example(2)
-    model = mhc_fx.convert(factory().eval(), args, kwargs, n=4, sinkhorn_iters=ITERS).train()
+    # eval: the models' dropout would make eager and compiled runs differ; autograd still
+    # traces the joint forward/backward graph the backend fuses
+    original = factory().eval()
+    model = mhc_fx.convert(original, args, kwargs, n=4, sinkhorn_iters=ITERS)
     _randomize_connections(model)
-    eager, compiled, launched, report = _eager_and_compiled(model, args, kwargs)
-    _assert_equal(eager, compiled)
+    # a converted model checks its dtypes: the float64 oracle is converted from float64
+    oracle = mhc_fx.convert(original.double(), _double(args), _double(kwargs), n=4, sinkhorn_iters=ITERS)
+    oracle.load_state_dict(model.state_dict())
+    runs, launched, report = _eager_and_compiled(model, oracle, args, kwargs)
+    _assert_equal(runs)
     blocks = model.report.num_blocks
     assert report.num_pre == report.num_post_res == blocks, str(report)
     assert report.counts["post_res_pre"] == blocks - 1, str(report)  # every block after the first
@@ -131,8 +152,8 @@ def test_hand_written_mhc_layer_is_fused(caplog):
     model = PaperStyleNet()
     x = torch.randn(2, 5, 24)
     with caplog.at_level(logging.INFO, logger="mhc_fx.backend"):
-        eager, compiled, launched, report = _eager_and_compiled(model, (x,), {})
-    _assert_equal(eager, compiled)
+        runs, launched, report = _eager_and_compiled(model, copy.deepcopy(model).double(), (x,), {})
+    _assert_equal(runs)
     # blocks 0 and 1 fused (1's pre merged with 0's mixing); block 2 normalises rows first
     assert report.counts == {"pre": 1, "post_res_pre": 1, "post_res": 1}, str(report)
     assert [u.reason for u in report.unfused] == ["Sinkhorn steps 'rcrcrcrcrcrcrcrcrcrc' are not (column, row) pairs"]

@@ -177,6 +177,9 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 
 def _nondeterministic(node: fx.Node) -> bool:
+    """Whether ``node`` draws random numbers (a dropout in eval mode, ``train=False``, does not)."""
+    if node.target in (aten.dropout.default, aten.native_dropout.default):
+        return node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True) is not False
     return isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags
 
 
