@@ -1,11 +1,19 @@
-"""Eager forward and training-step time, and activation memory, of a GPT before and after
-conversion.
+"""Training-step time and activation memory of a GPT before and after conversion, eager or
+compiled.
 
     python benchmarks/train_step.py [--layers 12] [--dim 256] [--batch 8] [--seq 256] [--device cpu]
+    python benchmarks/train_step.py --backend mhc [--no-plain-inductor]
 
-Compares the original model (baseline) with the converted mHC (n=4) and HC (n=4) models:
-median forward time, median train-step time (forward + backward + AdamW), bytes of tensors
-saved for backward (each storage counted once), and each ratio to the baseline.
+Eager (default): the original model (baseline) against the converted mHC (n=4) and HC (n=4)
+models: median forward time, median train-step time (forward + backward + AdamW), bytes of
+tensors saved for backward (each storage counted once), and each ratio to the baseline.
+
+``--backend mhc``: ``torch.compile(fullgraph=True)`` of the baseline (Inductor) against the
+converted mHC model compiled by the ``mhc`` backend (without and with selective recomputation)
+and by plain Inductor: the time of the first training step (Dynamo + fusion + AOTAutograd +
+Inductor compile + the step; compile caches off), the median step after it, and saved bytes.
+``--no-plain-inductor`` leaves out the last row (its compile of the unrolled Sinkhorn graphs
+takes many minutes at the default size).
 """
 
 import argparse
@@ -17,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 import mhc_fx
+import mhc_fx.backend
 from mhc_fx.zoo import TinyGPT
 
 
@@ -35,9 +44,10 @@ def saved_bytes(model, ids) -> int:
 
 
 def timed(fn, repeats: int, device: str) -> float:
-    fn()  # warm-up
+    """Median time of ``repeats`` calls of ``fn`` after a warm-up call (``repeats=0``: the time
+    of that first call)."""
     times = []
-    for _ in range(repeats):
+    for _ in range(repeats + 1):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -45,24 +55,94 @@ def timed(fn, repeats: int, device: str) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times[1:] or times)
 
 
-def measure(model, ids, targets, repeats, device):
+def train_step(model, run, ids, targets):
+    """One training step (forward + backward + AdamW) of ``model``, forward through ``run``
+    (the model itself or its compiled form)."""
     opt = torch.optim.AdamW(mhc_fx.param_groups(model, 0.1), lr=1e-4)
 
-    def forward():
-        with torch.no_grad():
-            model(ids)
-
     def step():
-        loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), targets.flatten())
+        loss = torch.nn.functional.cross_entropy(run(ids).flatten(0, 1), targets.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    return step
+
+
+def measure(model, ids, targets, repeats, device):
+    def forward():
+        with torch.no_grad():
+            model(ids)
+
     model.train()
+    step = train_step(model, model, ids, targets)
     return timed(forward, repeats, device), timed(step, repeats, device), saved_bytes(model, ids)
+
+
+def measure_compiled(model, backend, ids, targets, repeats, device):
+    """``(first step s, median step s, saved bytes)`` of ``torch.compile(model, backend)``."""
+    torch._dynamo.reset()
+    model.train()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    step = train_step(model, compiled, ids, targets)
+    first = timed(step, 0, device)
+    return first, timed(step, repeats, device), saved_bytes(compiled, ids)
+
+
+def eager_table(args, base, ids, targets) -> Table:
+    table = _table(args, "eager", ("model", "forward ms", "×", "train step ms", "×", "saved MiB", "×"))
+    rows = [("baseline", base)]
+    for method in ("mhc", "hc"):
+        rows.append((f"{method} n={args.n}", mhc_fx.convert(base, (ids[:2, :16],), n=args.n, method=method)))
+    ref = None
+    for name, model in rows:
+        fwd, step, mem = measure(model, ids, targets, args.repeats, args.device)
+        values = (fwd * 1e3, step * 1e3, mem / 2**20)
+        ref = ref or values
+        table.add_row(name, *_with_ratios(values, ref))
+    return table
+
+
+def compiled_table(args, base, ids, targets) -> Table:
+    torch._inductor.config.force_disable_caches = True  # the first step pays the whole compile
+    # one-time process costs (imports, compiler start-up) are paid here, not by the first row
+    warm = torch.nn.Linear(4, 4).to(args.device)
+    torch.compile(warm, fullgraph=True)(torch.ones(2, 4, device=args.device)).sum().backward()
+    table = _table(args, "torch.compile", ("model", "backend", "first step s", "×", "train step ms", "×", "saved MiB", "×"))
+    converted = mhc_fx.convert(base, (ids[:2, :16],), n=args.n, method="mhc")
+    rows = [
+        ("baseline", base, "inductor"),
+        (f"mhc n={args.n}", converted, "mhc"),
+        (f"mhc n={args.n}", converted, mhc_fx.backend.options(recompute=True)),
+    ]
+    if args.plain_inductor:
+        rows.append((f"mhc n={args.n}", converted, "inductor"))
+    ref = None
+    for name, model, backend in rows:
+        first, step, mem = measure_compiled(model, backend, ids, targets, args.repeats, args.device)
+        values = (first, step * 1e3, mem / 2**20)
+        ref = ref or values
+        label = backend if isinstance(backend, str) else "mhc, recompute"
+        table.add_row(name, label, *_with_ratios(values, ref))
+    return table
+
+
+def _table(args, mode: str, columns) -> Table:
+    table = Table(
+        title=f"GPT {args.layers} layers, C={args.dim}, batch {args.batch}, seq {args.seq}, {mode}, {args.device}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads (median of {args.repeats})"
+    )
+    for col in columns:
+        table.add_column(col, justify="right")
+    return table
+
+
+def _with_ratios(values, ref) -> list[str]:
+    """``[value, value/ref, ...]`` formatted for a table row."""
+    return [cell for v, r in zip(values, ref) for cell in (f"{v:.1f}", f"{v / r:.2f}")]
 
 
 def main() -> None:
@@ -75,30 +155,18 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", choices=("eager", "mhc"), default="eager",
+                        help="eager: no compile; mhc: torch.compile baseline vs backend 'mhc' vs plain Inductor")
+    parser.add_argument("--no-plain-inductor", dest="plain_inductor", action="store_false",
+                        help="with --backend mhc: skip the converted model under plain Inductor")
     args = parser.parse_args()
     torch.manual_seed(0)
     vocab = 256
     ids = torch.randint(0, vocab, (args.batch, args.seq), device=args.device)
     targets = torch.randint(0, vocab, (args.batch, args.seq), device=args.device)
     base = TinyGPT(vocab=vocab, dim=args.dim, layers=args.layers, heads=args.heads, max_len=args.seq).to(args.device)
-    rows = [("baseline", base)]
-    for method in ("mhc", "hc"):
-        rows.append((f"{method} n={args.n}", mhc_fx.convert(base, (ids[:2, :16],), n=args.n, method=method)))
-    table = Table(
-        title=f"GPT {args.layers} layers, C={args.dim}, batch {args.batch}, seq {args.seq}, {args.device}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads (median of {args.repeats})"
-    )
-    for col in ("model", "forward ms", "×", "train step ms", "×", "saved MiB", "×"):
-        table.add_column(col, justify="right")
-    ref = None
-    for name, model in rows:
-        fwd, step, mem = measure(model, ids, targets, args.repeats, args.device)
-        ref = ref or (fwd, step, mem)
-        table.add_row(
-            name, f"{fwd * 1e3:.1f}", f"{fwd / ref[0]:.2f}", f"{step * 1e3:.1f}", f"{step / ref[1]:.2f}",
-            f"{mem / 2**20:.1f}", f"{mem / ref[2]:.2f}",
-        )
-    Console().print(table)
+    make = eager_table if args.backend == "eager" else compiled_table
+    Console().print(make(args, base, ids, targets))
 
 
 if __name__ == "__main__":
