@@ -37,6 +37,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from . import kernels  # noqa: F401  (registers torch.ops.mhc_fx)
+from .kernels import runtime
 from .errors import ConfigError
 from .passes.fuse import FusionReport, fuse_mhc
 from .passes.recompute import SelectiveRecompute
@@ -57,12 +58,16 @@ class BackendOptions:
         recompute_every: ``L_r``; ``None`` picks ``round(√(nL/(n+2)))``.
         inductor: Inductor config patches (``torch.compile(options=...)`` of the default
             backend), passed through.
+        compile_cpu_ops: where the fused ops run without Triton (CPU tensors, no
+            interpreter), run their reference compiled by Inductor once per op and shape
+            (:func:`mhc_fx.kernels.runtime.compile_cpu_path`, process-wide) rather than eagerly.
     """
 
     cross_layer: bool = True
     recompute: bool = False
     recompute_every: int | None = None
     inductor: dict = dataclasses.field(default_factory=dict)
+    compile_cpu_ops: bool = True
 
     @classmethod
     def parse(cls, options: dict | None) -> "BackendOptions":
@@ -115,6 +120,8 @@ def mhc(gm: fx.GraphModule, example_inputs: list, *, options: dict | None = None
     opts = BackendOptions.parse(options)
     aten_gm, refresh = to_aten(gm, example_inputs)
     report = fuse_mhc(aten_gm, refresh, cross_layer=opts.cross_layer)
+    if report.fused or report.existing:
+        runtime.compile_cpu_path(opts.compile_cpu_ops)
     patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
     patches.update(opts.inductor)
     if opts.recompute:

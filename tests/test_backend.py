@@ -23,6 +23,13 @@ from .test_fused_modules import ITERS, _randomize_connections
 from .test_kernels import needs_kernels
 
 
+@pytest.fixture(autouse=True)
+def _eager_cpu_path():
+    """The backend compiles the ops' CPU path process-wide; other tests expect it eager."""
+    yield
+    runtime.compile_cpu_path(False)
+
+
 def _floats(out):
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 

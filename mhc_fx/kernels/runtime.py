@@ -3,8 +3,9 @@
 Triton decides at ``@triton.jit`` time whether a kernel is compiled or interpreted
 (``TRITON_INTERPRET=1``), so the kernel modules are imported lazily, on the first launch, and
 :func:`use_triton` answers per tensor: CUDA tensors always run the kernels; CPU tensors run them
-only under the interpreter (otherwise the ops fall back to the reference in
-:mod:`mhc_fx.nn.functional`, which computes the same function).
+only under the interpreter (otherwise the ops run the pure-torch reference of
+:mod:`mhc_fx.kernels.reference`, which computes the same function: eagerly, or — after
+:func:`compile_cpu_path` — compiled by Inductor once per shape, as the ``mhc`` backend sets up).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import collections
 import contextlib
 import importlib.util
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -76,6 +77,28 @@ def use_triton(t: torch.Tensor) -> bool:
             raise RuntimeError("mhc_fx's CUDA kernels need Triton: pip install triton (or mhc_fx[gpu])")
         return True
     return t.device.type == "cpu" and interpreting() and triton_available()
+
+
+_compile_cpu = False
+_compiled: dict[Callable, Callable] = {}
+
+
+def compile_cpu_path(enabled: bool = True) -> None:
+    """Run the ops' CPU reference path compiled by Inductor (``fullgraph``, static shapes:
+    one compile per op and shape, shared by every block) instead of eagerly, in this process.
+    The ``mhc`` backend turns this on (its ``cpu_ops`` option): eagerly, the ~20 small ops of
+    each Sinkhorn iteration on ``[T, n, n]`` cost more than the stream traffic."""
+    global _compile_cpu
+    _compile_cpu = enabled
+
+
+def cpu_path(fn: Callable) -> Callable:
+    """``fn`` (a function of :mod:`mhc_fx.kernels.reference`) as the ops run it on CPU."""
+    if not _compile_cpu:
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
+    return _compiled[fn]
 
 
 def count(name: str) -> None:

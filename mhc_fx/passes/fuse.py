@@ -29,6 +29,7 @@ alone that equals :func:`~mhc_fx.nn.functional.post_res_mix`) and becomes ``post
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import operator
@@ -144,10 +145,17 @@ def _is_const(node: fx.Node) -> bool:
     return node.op == "get_attr" or (node.op == "call_function" and not node.all_input_nodes)
 
 
-def _random_like(node: fx.Node, generator: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+def _random_like(node: fx.Node, slot: int) -> torch.Tensor:
+    """Standard normal test values shaped like ``node``'s value; ``slot`` tells apart the inputs
+    of one check (equal slots and shapes give equal values: the blocks of a graph share them)."""
     val = tensor_meta(node)
-    x = torch.randn(_shape(node), generator=generator, dtype=torch.float64) * scale
-    return x.to(device=val.device, dtype=val.dtype)
+    return _random(_shape(node), val.dtype, val.device, slot).clone()  # the graph may mutate it
+
+
+@functools.lru_cache(maxsize=16)
+def _random(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, slot: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(slot)
+    return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
 
 
 def _evaluate(gm: fx.GraphModule, nodes: list[fx.Node], env: dict[fx.Node, object]) -> dict[fx.Node, object]:
@@ -372,7 +380,7 @@ def _eps_candidates(region: list[fx.Node]) -> list[float]:
     return sorted(set(found)) or [0.0]
 
 
-def match_pre(gm: fx.GraphModule, g: nx.DiGraph, chain: SinkhornChain, seed: int = 0) -> PreMatch | Unfused:
+def match_pre(gm: fx.GraphModule, g: nx.DiGraph, chain: SinkhornChain) -> PreMatch | Unfused:
     """Verify that ``chain`` ends an mHC pre side and say which nodes ``mhc_pre`` replaces."""
     owner = _owner([chain.start])
     found = _find_stream(g, chain)
@@ -387,9 +395,8 @@ def match_pre(gm: fx.GraphModule, g: nx.DiGraph, chain: SinkhornChain, seed: int
     maps = _parameter_maps(leaves, n, C)
     if isinstance(maps, str):
         return Unfused("pre", owner, maps)
-    gen = torch.Generator().manual_seed(seed)
     dtype = tensor_meta(X).dtype
-    params = {leaf: _random_like(leaf, gen) for leaf in leaves}
+    params = {leaf: _random_like(leaf, slot) for slot, leaf in enumerate(leaves, start=1)}
     for leaf in leaves:  # h̃ of order one: sigmoids and Sinkhorn far from flat and from saturated
         if params[leaf].numel() <= 3:
             params[leaf] = params[leaf].abs() + 0.5
@@ -397,7 +404,7 @@ def match_pre(gm: fx.GraphModule, g: nx.DiGraph, chain: SinkhornChain, seed: int
             params[leaf] = params[leaf] / math.sqrt(n * C)
     runs = []
     for scale in (1.0, 1e-3):
-        env = {X: _random_like(X, gen, scale), **params}
+        env = {X: _random_like(X, 0) * scale, **params}
         runs.append(_evaluate(gm, nodes, env))
     best: PreMatch | None = None
     for (phi, alpha, bias), eps in itertools.product(maps, _eps_candidates(nodes)):
@@ -406,25 +413,30 @@ def match_pre(gm: fx.GraphModule, g: nx.DiGraph, chain: SinkhornChain, seed: int
             match = PreMatch(X, phi, alpha, bias, chain.iters, eps, outputs, owner)
             if best is None or len(outputs) > len(best.outputs):
                 best = match
+            if len(outputs) == 4:  # nothing can match more
+                break
     if best is None:
         return Unfused("pre", owner, "the subgraph around the Sinkhorn chain does not compute mHC's coefficients")
     return best
 
 
 def _matching_outputs(nodes, runs, X, phi, alpha, bias, iters, eps, dtype) -> dict[int, list[fx.Node]]:
-    """``{output index: nodes}`` of the region equal to ``mhc_pre``'s outputs in every run."""
-    matches: dict[int, set[fx.Node]] | None = None
+    """``{output index: nodes}`` of the region equal to ``mhc_pre``'s outputs in every run
+    (empty as soon as ``H_res`` or ``H_post`` has no equal: the map is wrong)."""
+    out_dtypes = {0: dtype, 1: Fn.compute_dtype(dtype), 2: Fn.compute_dtype(dtype), 3: Fn.compute_dtype(dtype)}
+    candidates = {i: [n for n in nodes if (tensor_meta(n) is not None and tensor_meta(n).dtype == dt)] for i, dt in out_dtypes.items()}
     for env in runs:
         X64 = env[X].to(torch.float64).cpu()
         phi64, alpha64 = _phi_value(phi, env).cpu(), _alpha_value(alpha, env).cpu()
         b64 = env[bias].to(torch.float64).reshape(-1).cpu() if bias is not None else torch.zeros(phi64.shape[1], dtype=torch.float64)
         H_pre, H_post, H_res = Fn.mhc_coefficients(X64, phi64, alpha64, b64, sinkhorn_iters=iters, eps=eps)
-        refs = {0: (Fn.pre_mix(X64, H_pre), _tolerance(dtype)), 1: (H_pre, 1e-4), 2: (H_post, 1e-4), 3: (H_res, 1e-4)}
-        found = {i: {n for n in nodes if _rel_err(env[n], ref) <= tol} for i, (ref, tol) in refs.items()}
-        matches = found if matches is None else {i: matches[i] & found[i] for i in refs}
-    out_dtypes = {0: dtype, 1: Fn.compute_dtype(dtype), 2: Fn.compute_dtype(dtype), 3: Fn.compute_dtype(dtype)}
-    typed = {i: sorted((n for n in ns if tensor_meta(n).dtype == out_dtypes[i]), key=_order) for i, ns in matches.items()}
-    return {i: ns for i, ns in typed.items() if ns}
+        refs = {3: (H_res, 1e-4), 2: (H_post, 1e-4), 1: (H_pre, 1e-4), 0: (lambda: Fn.pre_mix(X64, H_pre), _tolerance(dtype))}
+        for i, (ref, tol) in refs.items():
+            ref = ref() if callable(ref) else ref
+            candidates[i] = [n for n in candidates[i] if _rel_err(env[n], ref) <= tol]
+            if i in (3, 2) and not candidates[i]:
+                return {}
+    return {i: sorted(ns, key=_order) for i, ns in candidates.items() if ns}
 
 
 def _build_params(graph: fx.Graph, match: PreMatch) -> tuple[fx.Node, fx.Node, fx.Node]:
@@ -485,13 +497,13 @@ def _closure(target: fx.Node, sources: set[fx.Node]) -> list[fx.Node] | None:
     return None
 
 
-def match_post(gm: fx.GraphModule, g: nx.DiGraph, X: fx.Node, H_post: fx.Node, H_res: fx.Node, seed: int = 0) -> PostMatch | None:
+def match_post(gm: fx.GraphModule, g: nx.DiGraph, X: fx.Node, H_post: fx.Node, H_res: fx.Node) -> PostMatch | None:
     """The node computing ``post_res_mix(X, y, H_post, H_res)`` for some ``y [..., C]``."""
     shape, dtype = _shape(X), tensor_meta(X).dtype
     y_shape = shape[:-2] + shape[-1:]
     near = nx.single_source_shortest_path_length(g, H_res, cutoff=_MIX_DEPTH)
-    candidates = sorted((n for n in near if n in nx.descendants(g, H_post) and _shape(n) == shape), key=_order)
-    gen = torch.Generator().manual_seed(seed)
+    after_post = nx.descendants(g, H_post)
+    candidates = sorted((n for n in near if n in after_post and _shape(n) == shape), key=_order)
     for target in candidates:
         if tensor_meta(target).dtype != dtype:
             continue
@@ -503,7 +515,7 @@ def match_post(gm: fx.GraphModule, g: nx.DiGraph, X: fx.Node, H_post: fx.Node, H
             nodes = _closure(target, sources)
             if nodes is None:
                 continue
-            env = {s: _random_like(s, gen) for s in sources}
+            env = {s: _random_like(s, slot) for slot, s in enumerate((X, y, H_post, H_res))}
             env[H_res] = env[H_res].abs()
             value = _evaluate(gm, nodes, env)[target]
             ref = Fn.post_res_mix(*(env[s].to(torch.float64).cpu() for s in (X, y, H_post, H_res)))
