@@ -221,3 +221,28 @@ def test_backend_is_registered_and_checks_its_options():
     assert mhc_fx.backend.BackendOptions.parse({"compile_cpu_ops": False}).compile_cpu_ops is False
     with pytest.raises(ConfigError, match="recompute_every must be an int ≥ 1"):
         mhc_fx.backend.BackendOptions.parse({"recompute": True, "recompute_every": 0})
+
+
+@needs_kernels
+def test_graph_recompiled_with_dynamic_sizes_is_fused():
+    """After a shape change Dynamo recompiles with symbolic sizes; that graph is fused as well
+    (its size inputs are evaluated at their hints) and serves a third shape unchanged.
+    ``dynamic=True`` from the start lifts the RMS eps to an input: reported, not fused."""
+    model = mhc_fx.convert(TinyGPT(layers=1, dim=16, heads=2), (torch.randint(0, 96, (2, 8)),), n=4, sinkhorn_iters=ITERS)
+    _randomize_connections(model)
+    mhc_fx.backend.clear_reports()
+    compiled = torch.compile(model, backend="mhc", fullgraph=True)
+    for shape in [(2, 8), (3, 5), (4, 11)]:
+        ids = torch.randint(0, 96, shape)
+        assert rel_err(compiled(ids), model(ids)) <= 1e-5
+    reports = mhc_fx.backend.reports()
+    assert len(reports) == 2  # static, then dynamic: the third shape reused the second graph
+    assert all(r.num_pre == r.num_post_res == 2 and not r.unfused for r in reports), [str(r) for r in reports]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="mhc", fullgraph=True, dynamic=True)
+    ids = torch.randint(0, 96, (2, 8))
+    assert rel_err(compiled(ids), model(ids)) <= 1e-5
+    report = mhc_fx.backend.reports()[-1]
+    assert report.num_pre == 0 and len(report.unfused) == 2
+    assert "torch.compile(dynamic=True) lifts to inputs" in report.unfused[0].reason

@@ -133,11 +133,21 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
 
 
 def _owner(nodes: Iterable[fx.Node]) -> str:
+    """The innermost module path of the first node that has one (a converted model's graph
+    attributes, ``train_graph.``/``eval_graph.``, left out: its modules' own paths remain)."""
     for node in nodes:
         path = module_path(node)
         if path:
-            return path[-1]
+            return path[-1].removeprefix("train_graph.").removeprefix("eval_graph.")
     return ""
+
+
+def _size_input(node: fx.Node) -> int | None:
+    """The hint of a symbolic size that is a graph input (``dynamic=True`` graphs), else None."""
+    val = node.meta.get("val")
+    if node.op == "placeholder" and isinstance(val, torch.SymInt):
+        return int(val.node.hint)
+    return None
 
 
 def _is_const(node: fx.Node) -> bool:
@@ -319,7 +329,7 @@ def _region(g: nx.DiGraph, X: fx.Node, chain: SinkhornChain) -> tuple[list[fx.No
         if s is X or s in region or s in leaves:
             continue
         if s.op == "placeholder":
-            leaves.add(s)
+            leaves.add(s)  # a parameter, or a symbolic size (evaluated at its hint)
         elif s in above and not _is_const(s):
             return f"the coefficients also read {s.name}, which is not a parameter"
         else:
@@ -357,6 +367,13 @@ def _parameter_maps(leaves: list[fx.Node], n: int, C: int) -> Iterable[tuple[tup
     else:
         return "expected the gates α as one 3-value parameter or three scalars"
     alphas = [(gates, p) for p in itertools.permutations(range(3))]
+    lifted = [leaf.name for leaf in by_size.get(1, []) if _shape(leaf) == ()]
+    if lifted:
+        return (
+            f"the coefficients read 0-dim graph inputs {lifted}: Python floats (such as the RMS eps) that "
+            "torch.compile(dynamic=True) lifts to inputs; compile without dynamic=True (sizes still become "
+            "dynamic after a shape change, and such graphs are fused)"
+        )
     if by_size:
         extra = ", ".join(f"{leaf.name} {list(_shape(leaf))}" for group in by_size.values() for leaf in group)
         return f"the coefficients read parameters mhc_fx's op has no place for: {extra}"
@@ -392,6 +409,8 @@ def match_pre(gm: fx.GraphModule, g: nx.DiGraph, chain: SinkhornChain) -> PreMat
     if isinstance(region, str):
         return Unfused("pre", owner, region)
     nodes, leaves = region
+    sizes = {leaf: _size_input(leaf) for leaf in leaves if _size_input(leaf) is not None}
+    leaves = [leaf for leaf in leaves if leaf not in sizes]
     maps = _parameter_maps(leaves, n, C)
     if isinstance(maps, str):
         return Unfused("pre", owner, maps)
@@ -404,7 +423,7 @@ def match_pre(gm: fx.GraphModule, g: nx.DiGraph, chain: SinkhornChain) -> PreMat
             params[leaf] = params[leaf] / math.sqrt(n * C)
     runs = []
     for scale in (1.0, 1e-3):
-        env = {X: _random_like(X, 0) * scale, **params}
+        env = {X: _random_like(X, 0) * scale, **params, **sizes}
         runs.append(_evaluate(gm, nodes, env))
     best: PreMatch | None = None
     for (phi, alpha, bias), eps in itertools.product(maps, _eps_candidates(nodes)):
@@ -487,7 +506,7 @@ def _closure(target: fx.Node, sources: set[fx.Node]) -> list[fx.Node] | None:
             for src in node.all_input_nodes:
                 if src in sources or src in seen:
                     continue
-                if src.op in ("placeholder",) or _nondeterministic(src):
+                if (src.op == "placeholder" and _size_input(src) is None) or _nondeterministic(src):
                     return None
                 seen.add(src)
                 nxt.append(src)
@@ -517,6 +536,7 @@ def match_post(gm: fx.GraphModule, g: nx.DiGraph, X: fx.Node, H_post: fx.Node, H
                 continue
             env = {s: _random_like(s, slot) for slot, s in enumerate((X, y, H_post, H_res))}
             env[H_res] = env[H_res].abs()
+            env.update({n: _size_input(n) for n in nodes if _size_input(n) is not None})
             value = _evaluate(gm, nodes, env)[target]
             ref = Fn.post_res_mix(*(env[s].to(torch.float64).cpu() for s in (X, y, H_post, H_res)))
             if _rel_err(value, ref) <= _tolerance(dtype):

@@ -10,6 +10,7 @@ The graph analysis uses networkx.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import Counter
 
 import networkx as nx
@@ -56,11 +57,21 @@ class SkippedAdd:
     reason: str
 
 
+def _attribute_path(source: str) -> str:
+    """A Dynamo source name as a dotted module path: ``getattr(L['self'].blocks, '0').mlp`` →
+    ``blocks.0.mlp``."""
+    while (unwrapped := _GETATTR.sub(r"\1.\2", source)) != source:
+        source = unwrapped
+    return source.removeprefix("L['self'].").removeprefix("L__self__")
+
+
+_GETATTR = re.compile(r"getattr\(([^()]*), '([^']*)'\)")
+
+
 def module_path(node: fx.Node, gm: fx.GraphModule | None = None) -> list[str]:
     """The module paths enclosing ``node``, outermost first (``call_module`` targets included)."""
     stack = node.meta.get("nn_module_stack") or {}
-    paths = [p for p, _ in stack.values() if isinstance(p, str)]
-    paths = [p.removeprefix("L['self'].").removeprefix("L__self__") for p in paths]
+    paths = [_attribute_path(p) for p, _ in stack.values() if isinstance(p, str)]
     if node.op == "call_module":
         paths.append(str(node.target))
     return [p for p in paths if p]
