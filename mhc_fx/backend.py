@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -36,9 +36,8 @@ from torch._inductor.compile_fx import compile_fx
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from . import kernels  # noqa: F401  (registers torch.ops.mhc_fx)
-from .kernels import runtime
 from .errors import ConfigError
+from .kernels import runtime  # importing mhc_fx.kernels registers torch.ops.mhc_fx
 from .passes.fuse import FusionReport, fuse_mhc
 from .passes.recompute import SelectiveRecompute
 
