@@ -246,3 +246,17 @@ def test_graph_recompiled_with_dynamic_sizes_is_fused():
     report = mhc_fx.backend.reports()[-1]
     assert report.num_pre == 0 and len(report.unfused) == 2
     assert "torch.compile(dynamic=True) lifts to inputs" in report.unfused[0].reason
+
+
+def test_bfloat16_model_is_fused(monkeypatch):
+    """bf16 streams (coefficients in fp32, as the reference computes them) are matched and
+    fused; on CPU the ops' compiled reference path runs (the interpreter cannot do bf16)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ids = torch.randint(0, 96, (2, 16))
+    model = mhc_fx.convert(TinyGPT(layers=2, dim=32, heads=2).bfloat16(), (ids,), n=4, sinkhorn_iters=ITERS)
+    mhc_fx.backend.clear_reports()
+    out = torch.compile(model, backend="mhc", fullgraph=True)(ids)
+    (report,) = mhc_fx.backend.reports()
+    assert out.dtype == torch.bfloat16
+    assert report.num_pre == report.num_post_res == 4 and not report.unfused, str(report)
+    assert rel_err(out, model(ids)) <= 1e-2  # bf16 rounding of the streams, in other orders
