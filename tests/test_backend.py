@@ -260,3 +260,21 @@ def test_bfloat16_model_is_fused(monkeypatch):
     assert out.dtype == torch.bfloat16
     assert report.num_pre == report.num_post_res == 4 and not report.unfused, str(report)
     assert rel_err(out, model(ids)) <= 1e-2  # bf16 rounding of the streams, in other orders
+
+
+@needs_kernels
+def test_inference_graph_is_fused():
+    """An eval-mode ``no_grad`` graph (no joint graph) is fused too: forward kernels only."""
+    ids = torch.randint(0, 96, (2, 8))
+    model = mhc_fx.convert(TinyGPT(layers=1, dim=16, heads=2), (ids,), n=4, sinkhorn_iters=ITERS).eval()
+    _randomize_connections(model)
+    mhc_fx.backend.clear_reports()
+    before = runtime.launches.copy()
+    with torch.no_grad():
+        out = torch.compile(model, backend="mhc", fullgraph=True)(ids)
+        ref = model(ids)
+    launched = runtime.launches - before
+    (report,) = mhc_fx.backend.reports()
+    assert report.num_pre == report.num_post_res == 2 and not report.unfused, str(report)
+    assert launched == {"mhc_pre_fwd": 1, "post_res_pre_fwd": 1, "post_res_fwd": 1}
+    assert rel_err(out, ref) <= 1e-5
