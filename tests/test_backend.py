@@ -278,3 +278,13 @@ def test_inference_graph_is_fused():
     assert report.num_pre == report.num_post_res == 2 and not report.unfused, str(report)
     assert launched == {"mhc_pre_fwd": 1, "post_res_pre_fwd": 1, "post_res_fwd": 1}
     assert rel_err(out, ref) <= 1e-5
+
+
+def test_model_without_mhc_compiles_unchanged_and_says_so():
+    gpt = TinyGPT(layers=1, dim=16, heads=2)
+    ids = torch.randint(0, 96, (2, 8))
+    mhc_fx.backend.clear_reports()
+    out = torch.compile(gpt, backend="mhc", fullgraph=True)(ids)
+    assert rel_err(out, gpt(ids)) <= 1e-5
+    (report,) = mhc_fx.backend.reports()
+    assert not report.fused and "no Sinkhorn chain in this graph" in str(report)

@@ -118,6 +118,8 @@ class FusionReport:
         if self.existing:
             lines.append("  already fused in the model: " + ", ".join(f"{k} ×{v}" for k, v in sorted(self.existing.items())))
         lines += [f"  not fused: {u.kind} at {u.owner or '?'}: {u.reason}" for u in self.unfused]
+        if not (self.fused or self.unfused or self.existing):
+            lines.append("  no Sinkhorn chain in this graph, so no mHC layer to fuse (HC and plain residuals have none)")
         if self.recompute:
             lines.append(f"  recompute: {self.recompute}")
         return "\n".join(lines)
