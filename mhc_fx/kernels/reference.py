@@ -52,30 +52,16 @@ def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int) -> t
     M0 = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
     steps, M = [], M0
     for _ in range(iters):
-        steps.append(_sinkhorn_step(M))
-        M = steps[-1][-1]
+        s = M.sum(dim=-2, keepdim=True)
+        A = M / s
+        r = A.sum(dim=-1, keepdim=True)
+        M = A / r
+        steps.append((A, s, r, M))
     G = grad
     for A, s, r, M in reversed(steps):
-        G = _sinkhorn_step_backward(G, A, s, r, M)
+        dA = (G - (G * M).sum(dim=-1, keepdim=True)) / r
+        G = (dA - (dA * A).sum(dim=-2, keepdim=True)) / s
     return G * M0
-
-
-# One iteration and its backward, each a region torch.compile traces and compiles once and
-# reuses for every iteration (the compiled CPU path: seconds of compile saved, nothing eagerly).
-@torch.compiler.nested_compile_region
-def _sinkhorn_step(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(A, s, r, M')``: column sums ``s``, ``A = M/s``, row sums ``r``, ``M' = A/r``."""
-    s = M.sum(dim=-2, keepdim=True)
-    A = M / s
-    r = A.sum(dim=-1, keepdim=True)
-    return A, s, r, A / r
-
-
-@torch.compiler.nested_compile_region
-def _sinkhorn_step_backward(G: torch.Tensor, A: torch.Tensor, s: torch.Tensor, r: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    """``∂L/∂M`` of one :func:`_sinkhorn_step` from ``G = ∂L/∂M'``."""
-    dA = (G - (G * M).sum(dim=-1, keepdim=True)) / r
-    return (dA - (dA * A).sum(dim=-2, keepdim=True)) / s
 
 
 def mhc_pre_backward(
