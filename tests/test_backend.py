@@ -264,17 +264,19 @@ def test_bfloat16_model_is_fused(monkeypatch):
 
 @needs_kernels
 def test_inference_graph_is_fused():
-    """An eval-mode ``no_grad`` graph (no joint graph) is fused too: forward kernels only."""
+    """An eval-mode ``no_grad`` graph (no joint graph) is fused too: forward kernels only, and
+    no recomputation plan (nothing is saved for a backward)."""
     ids = torch.randint(0, 96, (2, 8))
     model = mhc_fx.convert(TinyGPT(layers=1, dim=16, heads=2), (ids,), n=4, sinkhorn_iters=ITERS).eval()
     _randomize_connections(model)
     mhc_fx.backend.clear_reports()
     before = runtime.launches.copy()
     with torch.no_grad():
-        out = torch.compile(model, backend="mhc", fullgraph=True)(ids)
+        out = torch.compile(model, backend=mhc_fx.backend.options(recompute=True), fullgraph=True)(ids)
         ref = model(ids)
     launched = runtime.launches - before
     (report,) = mhc_fx.backend.reports()
+    assert report.recompute is None
     assert report.num_pre == report.num_post_res == 2 and not report.unfused, str(report)
     assert launched == {"mhc_pre_fwd": 1, "post_res_pre_fwd": 1, "post_res_fwd": 1}
     assert rel_err(out, ref) <= 1e-5

@@ -53,7 +53,8 @@ class SelectiveRecompute(CustomGraphPass):
     def __call__(self, graph: fx.Graph) -> None:
         ops = torch.ops.mhc_fx
         pres = [n for n in graph.nodes if n.target in (ops.mhc_pre.default, ops.post_res_pre.default)]
-        if not pres:
+        has_backward = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
+        if not pres or not has_backward:  # an inference graph saves nothing
             return
         n = pres[0].meta["val"][2].shape[-1]
         every = self.every or segment_length(n, len(pres))
