@@ -26,21 +26,8 @@ from rich.table import Table
 
 import mhc_fx
 import mhc_fx.backend
+from mhc_fx.memory import saved_bytes
 from mhc_fx.zoo import TinyGPT
-
-
-def saved_bytes(model, ids) -> int:
-    """Bytes of the distinct storages autograd saves for backward in one forward."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids)
-    return sum(seen.values())
 
 
 def timed(fn, repeats: int, device: str) -> float:

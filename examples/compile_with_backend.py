@@ -3,7 +3,8 @@ recomputation) and train it a few steps.
 
     python examples/compile_with_backend.py [--layers 4] [--steps 20]
 
-The backend's report says what it fused; the first compiled step is checked against eager.
+The backend's reports (training and inference graph) say what it fused; after training the
+compiled inference graph is checked against eager.
 """
 
 import argparse
@@ -43,6 +44,7 @@ def main() -> None:
     for report in mhc_fx.backend.reports():
         print(report)
     print(f"compiled vs eager after training: relative error {float((out - ref).norm() / ref.norm()):.2e}")
+
 
 if __name__ == "__main__":
     main()

@@ -15,9 +15,10 @@ import mhc_fx
 import mhc_fx.backend
 from mhc_fx.errors import ConfigError
 from mhc_fx.kernels import runtime
+from mhc_fx.memory import saved_bytes
 from mhc_fx.zoo import TinyGPT
 
-from .conftest import rel_err
+from .conftest import float_leaves, rel_err
 from .real_models import REAL_MODELS
 from .test_fused_modules import ITERS, _randomize_connections
 from .test_kernels import needs_kernels
@@ -30,12 +31,8 @@ def _eager_cpu_path():
     runtime.compile_cpu_path(False)
 
 
-def _floats(out):
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
 def _loss(out) -> torch.Tensor:
-    return sum(t.square().mean() for t in _floats(out))
+    return sum(t.square().mean() for t in float_leaves(out))
 
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -52,10 +49,10 @@ def _eager_and_compiled(model: nn.Module, oracle: nn.Module, args, kwargs, backe
     backend's fusion report."""
     out = oracle(*_double(args), **_double(kwargs))
     _loss(out).backward()
-    runs = [(_floats(out), _grads(oracle))]
+    runs = [(float_leaves(out), _grads(oracle))]
     out = model(*args, **kwargs)
     _loss(out).backward()
-    runs.append((_floats(out), _grads(model)))
+    runs.append((float_leaves(out), _grads(model)))
     model.zero_grad(set_to_none=True)
     mhc_fx.backend.clear_reports()
     compiled = torch.compile(model, backend=backend, fullgraph=True)
@@ -63,7 +60,7 @@ def _eager_and_compiled(model: nn.Module, oracle: nn.Module, args, kwargs, backe
     out = compiled(*args, **kwargs)
     _loss(out).backward()
     launched = runtime.launches - before
-    runs.append((_floats(out), _grads(model)))
+    runs.append((float_leaves(out), _grads(model)))
     (report,) = mhc_fx.backend.reports()
     return runs, launched, report
 
@@ -169,19 +166,6 @@ def test_hand_written_mhc_layer_is_fused(caplog):
     assert "mhc fusion: 1 pre, 1 post_res, 1 post_res_pre" in caplog.text
 
 
-def _saved_bytes(model: nn.Module, ids: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd saves for backward in one forward."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids)
-    return sum(seen.values())
-
-
 def test_recompute_lowers_saved_bytes_with_unchanged_gradients(monkeypatch):
     """On the ops' CPU path (compiled by Inductor, ``compile_cpu_ops``): gradients equal eager's,
     and recomputation changes saved bytes, not gradients."""
@@ -203,7 +187,7 @@ def test_recompute_lowers_saved_bytes_with_unchanged_gradients(monkeypatch):
         net.zero_grad(set_to_none=True)
         compiled(ids).square().mean().backward()
         grads[name] = _grads(net)
-        saved[name] = _saved_bytes(compiled, ids)
+        saved[name] = saved_bytes(compiled, ids)
     print("saved for backward (bytes):", saved)
     assert saved["mhc+recompute"] < 0.85 * saved["mhc"]
     assert "L_r=4: 6 of 24 block streams saved" in mhc_fx.backend.reports()[-1].recompute

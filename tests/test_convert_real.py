@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from torch.utils import _pytree as pytree
 
 import mhc_fx
 
-from .conftest import rel_err
+from .conftest import float_leaves, rel_err
 from .real_models import REAL_MODELS
 
 pytestmark = pytest.mark.slow
@@ -14,10 +13,6 @@ pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
 CONFIGS = [(4, "mhc"), (4, "hc"), (4, "hc-static"), (2, "mhc"), (1, "mhc")]
-
-
-def _tensors(out):
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 @pytest.mark.parametrize("n,method", CONFIGS, ids=[f"{m}-n{n}" for n, m in CONFIGS])
@@ -31,7 +26,7 @@ def test_function_preserved(name, n, method):
     converted.eval()
     args, kwargs = example(3)  # a batch size other than the example's
     with torch.no_grad():
-        outs, refs = _tensors(converted(*args, **kwargs)), _tensors(model(*args, **kwargs))
+        outs, refs = float_leaves(converted(*args, **kwargs)), float_leaves(model(*args, **kwargs))
     assert len(outs) == len(refs) > 0
     for out, ref in zip(outs, refs):
         assert rel_err(out, ref) <= 1e-5

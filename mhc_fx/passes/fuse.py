@@ -199,7 +199,8 @@ def _tolerance(dtype: torch.dtype) -> float:
 def _nondeterministic(node: fx.Node) -> bool:
     """Whether ``node`` draws random numbers (a dropout in eval mode, ``train=False``, does not)."""
     if node.target in (aten.dropout.default, aten.native_dropout.default):
-        return node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True) is not False
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        return train is not False
     return isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags
 
 
@@ -411,7 +412,7 @@ def match_pre(gm: fx.GraphModule, g: nx.DiGraph, chain: SinkhornChain) -> PreMat
     if isinstance(region, str):
         return Unfused("pre", owner, region)
     nodes, leaves = region
-    sizes = {leaf: _size_input(leaf) for leaf in leaves if _size_input(leaf) is not None}
+    sizes = {leaf: hint for leaf in leaves if (hint := _size_input(leaf)) is not None}
     leaves = [leaf for leaf in leaves if leaf not in sizes]
     maps = _parameter_maps(leaves, n, C)
     if isinstance(maps, str):
@@ -451,12 +452,13 @@ def _matching_outputs(nodes, runs, X, phi, alpha, bias, iters, eps, dtype) -> di
         phi64, alpha64 = _phi_value(phi, env).cpu(), _alpha_value(alpha, env).cpu()
         b64 = env[bias].to(torch.float64).reshape(-1).cpu() if bias is not None else torch.zeros(phi64.shape[1], dtype=torch.float64)
         H_pre, H_post, H_res = Fn.mhc_coefficients(X64, phi64, alpha64, b64, sinkhorn_iters=iters, eps=eps)
-        refs = {3: (H_res, 1e-4), 2: (H_post, 1e-4), 1: (H_pre, 1e-4), 0: (lambda: Fn.pre_mix(X64, H_pre), _tolerance(dtype))}
-        for i, (ref, tol) in refs.items():
-            ref = ref() if callable(ref) else ref
-            candidates[i] = [n for n in candidates[i] if _rel_err(env[n], ref) <= tol]
-            if i in (3, 2) and not candidates[i]:
+        for i, ref in ((3, H_res), (2, H_post)):
+            candidates[i] = [n for n in candidates[i] if _rel_err(env[n], ref) <= 1e-4]
+            if not candidates[i]:
                 return {}
+        candidates[1] = [n for n in candidates[1] if _rel_err(env[n], H_pre) <= 1e-4]
+        h = Fn.pre_mix(X64, H_pre)
+        candidates[0] = [n for n in candidates[0] if _rel_err(env[n], h) <= _tolerance(dtype)]
     return {i: sorted(ns, key=_order) for i, ns in candidates.items() if ns}
 
 
@@ -538,7 +540,7 @@ def match_post(gm: fx.GraphModule, g: nx.DiGraph, X: fx.Node, H_post: fx.Node, H
                 continue
             env = {s: _random_like(s, slot) for slot, s in enumerate((X, y, H_post, H_res))}
             env[H_res] = env[H_res].abs()
-            env.update({n: _size_input(n) for n in nodes if _size_input(n) is not None})
+            env.update({n: hint for n in nodes if (hint := _size_input(n)) is not None})
             value = _evaluate(gm, nodes, env)[target]
             ref = Fn.post_res_mix(*(env[s].to(torch.float64).cpu() for s in (X, y, H_post, H_res)))
             if _rel_err(value, ref) <= _tolerance(dtype):

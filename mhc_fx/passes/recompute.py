@@ -53,6 +53,7 @@ class SelectiveRecompute(CustomGraphPass):
     def __call__(self, graph: fx.Graph) -> None:
         ops = torch.ops.mhc_fx
         pres = [n for n in graph.nodes if n.target in (ops.mhc_pre.default, ops.post_res_pre.default)]
+        # AOTAutograd names a joint graph's incoming gradients tangents_1, tangents_2, ...
         has_backward = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
         if not pres or not has_backward:  # an inference graph saves nothing
             return
