@@ -1,37 +1,37 @@
 """mhc_fx: turn the residual connections of any PyTorch model into n-stream Manifold-Constrained
 Hyper-Connections (mHC, DeepSeek arXiv 2512.24880) or Hyper-Connections (HC, arXiv 2409.19606),
-as compiler passes over the model's captured graph."""
+as compiler passes over the model's captured graphs.
 
+Stages (one subpackage each): :mod:`mhc_fx.nn` (the math and the connection modules),
+:mod:`mhc_fx.convert` (capture, analysis, plan, rewrite, the guarded call), :mod:`mhc_fx.kernels`
+(Triton kernels as ``torch.ops.mhc_fx``), :mod:`mhc_fx.compile` (the ``mhc`` torch.compile
+backend), :mod:`mhc_fx.export` (ONNX).
+"""
+
+from . import kernels  # registers torch.ops.mhc_fx (fused connections call them)
 from .config import MHCConfig
-from .conversion import convert, find_residuals
-from .converted import ConvertedModel
+from .convert import BlockReport, CaptureRecord, ConversionReport, convert, find_residuals, is_converted, report
 from .errors import CaptureError, ConfigError, ConversionError, MHCError
-from .onnx import ExportError, ExportReport, export_onnx
+from .export.onnx import ExportError, ExportReport, export_onnx
 from .optim import param_groups
-from .report import BlockReport, ConversionReport
+from .pretrained import from_pretrained
 
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str):
-    # ``mhc_fx.backend`` (the torch.compile backend) imports Inductor: loaded on first use.
-    if name == "backend":
-        import importlib
-
-        return importlib.import_module(".backend", __name__)
-    raise AttributeError(f"module 'mhc_fx' has no attribute {name!r}")
 
 __all__ = [
     "MHCConfig",
     "convert",
     "find_residuals",
+    "report",
+    "is_converted",
+    "from_pretrained",
     "param_groups",
     "export_onnx",
     "ExportReport",
     "ExportError",
-    "ConvertedModel",
     "ConversionReport",
     "BlockReport",
+    "CaptureRecord",
     "MHCError",
     "ConfigError",
     "CaptureError",

@@ -38,9 +38,6 @@ class MHCConfig:
             ``"learned"`` (a weighted sum whose weights start at 1/n).
         feature_dim: the feature axis of the residual stream, or ``None`` to infer it per stream
             (``1`` when the first weighted op of the branch is a convolution, else ``-1``).
-        dynamic: capture with dynamic sizes (every example-input dim ``Dim.AUTO``), so the
-            converted model accepts other batch/sequence sizes.
-        inplace: share the weights with the model passed in instead of copying them.
         fused_ops: run mHC connections through the fused ``torch.ops.mhc_fx`` ops (Triton
             kernels on CUDA, forward and backward) instead of the reference math; same
             function. On CPU they run the reference (or the interpreted kernels under
@@ -55,8 +52,6 @@ class MHCConfig:
     init: Init = "preserve"
     reduce: Reduce = "mean"
     feature_dim: int | None = None
-    dynamic: bool = True
-    inplace: bool = False
     fused_ops: bool = False
 
     def __post_init__(self) -> None:

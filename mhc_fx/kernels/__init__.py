@@ -7,7 +7,7 @@
 - :mod:`.runtime` decides where kernels run and counts their launches.
 """
 
-from . import ops
+from . import custom_ops
 from .runtime import launches
 
-__all__ = ["ops", "launches"]
+__all__ = ["custom_ops", "launches"]

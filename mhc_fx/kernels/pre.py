@@ -20,7 +20,7 @@ import triton.language as tl
 
 from . import runtime
 from .post_res import _coef_tile, _mix, _program_tokens, _store_stream_tile, _stream_tile, _token_tile
-from .reference import gate_and_bias_grads
+from .cpu_path import gate_and_bias_grads
 
 
 # ---------------------------------------------------------------------------------------------

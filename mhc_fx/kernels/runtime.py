@@ -4,7 +4,7 @@ Triton decides at ``@triton.jit`` time whether a kernel is compiled or interpret
 (``TRITON_INTERPRET=1``), so the kernel modules are imported lazily, on the first launch, and
 :func:`use_triton` answers per tensor: CUDA tensors always run the kernels; CPU tensors run them
 only under the interpreter (otherwise the ops run the pure-torch reference of
-:mod:`mhc_fx.kernels.reference`, which computes the same function: eagerly, or — after
+:mod:`mhc_fx.kernels.cpu_path`, which computes the same function: eagerly, or — after
 :func:`compile_cpu_path` — compiled by Inductor once per shape, as the ``mhc`` backend sets up).
 """
 
@@ -94,7 +94,7 @@ def compile_cpu_path(enabled: bool = True) -> None:
 
 
 def cpu_path(fn: Callable) -> Callable:
-    """``fn`` (a function of :mod:`mhc_fx.kernels.reference`) as the ops run it on CPU."""
+    """``fn`` (a function of :mod:`mhc_fx.kernels.cpu_path`) as the ops run it on CPU."""
     if not _compile_cpu:
         return fn
     if fn not in _compiled:

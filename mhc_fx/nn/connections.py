@@ -18,7 +18,6 @@ import math
 import torch
 from torch import nn
 
-from ..kernels import ops as fused_ops
 from . import functional as MF
 
 #: ``init="preserve"``: the favoured stream ``k mod n`` of block k gets H_pre weight
@@ -137,7 +136,7 @@ class MHCConnection(Connection):
         if not self.fused:
             return super().forward(X)
         Xt = MF.to_token_layout(X, self.stream_dim)
-        h, _, H_post, H_res = fused_ops.mhc_pre(Xt, self.phi, self.alpha, self.bias, self.sinkhorn.iters, self.eps)
+        h, _, H_post, H_res = torch.ops.mhc_fx.mhc_pre(Xt, self.phi, self.alpha, self.bias, self.sinkhorn.iters, self.eps)
         return MF.from_token_layout(h, self.stream_dim, X.dim()), H_post, H_res
 
     def no_weight_decay(self) -> set[str]:
@@ -204,7 +203,7 @@ def post_res_mix(
     """
     Xt = MF.to_token_layout(X, stream_dim)
     yt = MF.to_token_layout(y.unsqueeze(stream_dim), stream_dim).squeeze(-2)
-    mix = fused_ops.post_res if fused else MF.post_res_mix
+    mix = torch.ops.mhc_fx.post_res if fused else MF.post_res_mix
     return MF.from_token_layout(mix(Xt, yt, H_post, H_res), stream_dim, X.dim())
 
 

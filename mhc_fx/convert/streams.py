@@ -13,7 +13,7 @@ from collections import Counter
 
 import torch.fx as fx
 
-from . import ops
+from . import graph_ops as ops
 from .residuals import Residual, mutated_values
 
 

@@ -17,7 +17,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from . import ops
+from . import graph_ops as ops
 
 
 @dataclasses.dataclass(eq=False)
@@ -58,14 +58,17 @@ class SkippedAdd:
 
 
 def _attribute_path(source: str) -> str:
-    """A Dynamo source name as a dotted module path: ``getattr(L['self'].blocks, '0').mlp`` →
-    ``blocks.0.mlp``."""
+    """A Dynamo source name as a dotted module path relative to the compiled module:
+    ``getattr(L['self'].blocks, '0').mlp`` → ``blocks.0.mlp``; ``L['args'][0].model`` (the module
+    passed to a compiled ``__call__``) → ``model``."""
     while (unwrapped := _GETATTR.sub(r"\1.\2", source)) != source:
         source = unwrapped
-    return source.removeprefix("L['self'].").removeprefix("L__self__")
+    return _ROOT.sub("", source)
 
 
 _GETATTR = re.compile(r"getattr\(([^()]*), '([^']*)'\)")
+#: the compiled module itself, as Dynamo names it: ``L['self']``, ``L['args'][0]``, ``L__self__``
+_ROOT = re.compile(r"^(L\['\w+'\](\[\d+\])?|L__self__)\.?")
 
 
 def module_path(node: fx.Node, gm: fx.GraphModule | None = None) -> list[str]:
@@ -164,16 +167,17 @@ def _same_tensor_type(a: fx.Node, b: fx.Node) -> str | None:
 
 
 def find_residual_adds(
-    gm: fx.GraphModule, feature_dim: int | None = None
+    gm: fx.GraphModule, feature_dim: int | None = None, param_inputs: set[fx.Node] = frozenset()
 ) -> tuple[list[Residual], list[SkippedAdd]]:
     """All identity residuals of ``gm`` in graph order, and the adds of two tensors left alone.
 
     Args:
-        gm: a captured graph (ATen from torch.export, or torch-level from symbolic_trace).
+        gm: a captured ATen graph (from Dynamo, or from torch.export for ONNX).
         feature_dim: force the feature axis (1 or -1) instead of inferring it per residual.
+        param_inputs: the placeholders that carry parameters.
     """
     g = ops.dataflow_graph(gm.graph)
-    params = ops.parameter_nodes(gm)
+    params = ops.parameter_nodes(gm, param_inputs)
     weighted = {n for n in gm.graph.nodes if ops.is_weighted(gm, n, params)}
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}

@@ -9,7 +9,7 @@ from collections import Counter
 from rich.console import Console, Group
 from rich.table import Table
 
-from .passes.residuals import SkippedAdd
+from .residuals import SkippedAdd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,24 +36,23 @@ class ConversionReport:
     """What :func:`mhc_fx.convert` / :func:`mhc_fx.find_residuals` saw and did.
 
     Attributes:
-        model: class name of the model; method, n: the config's; capture: how the graph was
-        captured; dynamic: whether other input sizes are accepted; blocks: converted (or, for
+        model: class name of the model; method, n: the config's; blocks: converted (or, for
         find_residuals, convertible) blocks; skipped: adds of two tensors left alone, with the
-        reason; notes: capture attempts that failed and other facts; new_parameters: number of
-        parameters the conversion added; seconds: wall time of each phase (``capture``,
-        ``passes``, ``check``).
+        reason; notes: other facts; new_parameters: number of parameters the conversion added;
+        seconds: wall time of each phase (``capture``, ``passes``, ``check``); captures: every
+        specialisation the converted model captured since (its inputs, mode, and why —
+        :class:`~mhc_fx.convert.guarded.CaptureRecord`).
     """
 
     model: str
     method: str
     n: int
-    capture: str
-    dynamic: bool
     blocks: list[BlockReport]
     skipped: list[SkippedAdd]
     notes: list[str] = dataclasses.field(default_factory=list)
     new_parameters: int = 0
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    captures: list = dataclasses.field(default_factory=list)
 
     @property
     def num_blocks(self) -> int:
@@ -70,9 +69,7 @@ class ConversionReport:
     def __rich__(self) -> Group:
         title = (
             f"{self.model}: {self.num_blocks} residual blocks in {self.num_streams} streams → "
-            f"{self.method} (n={self.n}); captured by {self.capture}"
-            f"{' with dynamic shapes' if self.dynamic else ' with static shapes'}; "
-            f"+{self.new_parameters:,} parameters"
+            f"{self.method} (n={self.n}); +{self.new_parameters:,} parameters"
         )
         blocks = Table(title=title, title_justify="left")
         for col in ("stream", "#", "block", "connection module", "C", "layout"):
@@ -90,6 +87,7 @@ class ConversionReport:
                 skipped.add_row(str(count), reason, f"{first.node} @ {first.owner or '<root>'}")
             parts.append(skipped)
         parts += [f"note: {note}" for note in self.notes]
+        parts += [f"capture {i}: {c}" for i, c in enumerate(self.captures)]
         return Group(*parts)
 
     def __str__(self) -> str:

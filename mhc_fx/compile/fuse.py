@@ -42,8 +42,8 @@ import torch.fx as fx
 from torch.fx.node import map_arg
 
 from ..nn import functional as Fn
-from .ops import canonical, dataflow_graph, tensor_meta
-from .residuals import module_path
+from ..convert.graph_ops import canonical, dataflow_graph, tensor_meta
+from ..convert.residuals import module_path
 
 aten = torch.ops.aten
 FUSED_OPS = {
@@ -84,7 +84,7 @@ class FusionReport:
         fused: each fused op, in graph order; unfused: candidates left alone, with the reason;
         existing: fused ops the graph already called (a model converted with
         ``fused_ops=True``); recompute: the recomputation plan, if one was applied (see
-        :mod:`mhc_fx.passes.recompute`).
+        :mod:`mhc_fx.compile.recompute`).
     """
 
     fused: list[Fused] = dataclasses.field(default_factory=list)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import pathlib
 import re
 from collections import Counter
@@ -19,10 +20,11 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import MHCError
-from .converted import ConvertedModel
-from .kernels.ops import decompositions
-from .passes.capture import auto_dims, contiguous_inputs
+from ..convert.capture import auto_dims, contiguous_inputs, export_graph
+from ..convert.conversion import is_converted
+from ..convert.rewrite import analyse, rewrite_graph
+from ..errors import MHCError
+from ..kernels.custom_ops import decompositions
 
 #: relative error allowed between ONNX Runtime and PyTorch
 VERIFY_TOLERANCE = 1e-4
@@ -92,8 +94,22 @@ def _tensor_leaves(args: tuple, kwargs: dict) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
 
 
+def converted_graph(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> torch.fx.GraphModule:
+    """A converted model's function as one exportable graph: its class's ``forward`` captured by
+    ``torch.export`` (dynamic sizes), rewritten with the model's plan and connection modules —
+    the same rewrite its calls get."""
+    forward = model.__dict__.pop("forward")
+    try:
+        gm = export_graph(model, args, kwargs, dynamic)
+    finally:
+        model.forward = forward
+    analysis = analyse(gm, forward.config.feature_dim)
+    rewrite_graph(gm, analysis, forward.plan, model, f"ONNX export of {type(model).__name__}")
+    return gm
+
+
 def _input_names(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
-    positional = list(getattr(model, "input_names", ()))
+    positional = list(inspect.signature(model.forward).parameters)
     names = []
     for path, leaf in pytree.tree_flatten_with_path((args, kwargs))[0]:
         if not isinstance(leaf, torch.Tensor):
@@ -183,11 +199,9 @@ def export_onnx(
     was = model.training
     model.eval()
     try:
-        # a converted model's eval graph has the original's signature (the wrapper takes
-        # *args/**kwargs, for which export writes input guards it cannot run again)
-        traced = model.eval_graph if isinstance(model, ConvertedModel) else model
-        shapes = auto_dims(args, kwargs, traced.forward) if dynamic else None
         try:
+            traced = converted_graph(model, args, kwargs, dynamic) if is_converted(model) else model
+            shapes = auto_dims(args, kwargs, traced.forward) if dynamic else None
             ep = torch.export.export(traced, args, kwargs, dynamic_shapes=shapes, strict=False)
             if _has_fused_ops(ep):
                 ep = ep.run_decompositions(decompositions())  # fused ops → the reference math
@@ -211,7 +225,7 @@ def export_onnx(
             ) from err
         calls: Counter = Counter()
         if functions:
-            from .passes.onnx_functions import fold_connection_functions
+            from .onnx_functions import fold_connection_functions
 
             calls = fold_connection_functions(program.model)
         program.save(str(path))

@@ -14,7 +14,7 @@ float64 streams); ``φ [nC, n²+2n]``, ``α [3]``, ``b [n²+2n]``; 1 ≤ n ≤ 8
 float32, float16, bfloat16 (and float64, for gradcheck).
 
 Each op runs the Triton kernels on CUDA, and on CPU under ``TRITON_INTERPRET=1``; elsewhere
-it runs :mod:`mhc_fx.kernels.reference`, which computes the same function. Gradients are
+it runs :mod:`mhc_fx.kernels.cpu_path`, which computes the same function. Gradients are
 first order (no double backward).
 """
 
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..nn.functional import compute_dtype
-from . import reference, runtime
+from . import cpu_path, runtime
 
 MAX_STREAMS = 8
 
@@ -93,7 +93,7 @@ def mhc_pre(X: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int, eps
 
         outs = pre.mhc_pre_fwd(*args)
     else:
-        outs = runtime.cpu_path(reference.mhc_pre)(*args)
+        outs = runtime.cpu_path(cpu_path.mhc_pre)(*args)
     return _pre_outputs(X.shape[:-2], X.shape[-1], outs)
 
 
@@ -119,7 +119,7 @@ def mhc_pre_backward(
 
         dX, dphi, dalpha, dbias = pre.mhc_pre_bwd(*args)
     else:
-        dX, dphi, dalpha, dbias = runtime.cpu_path(reference.mhc_pre_backward)(*args)
+        dX, dphi, dalpha, dbias = runtime.cpu_path(cpu_path.mhc_pre_backward)(*args)
     return dX.reshape(X.shape), dphi.to(phi.dtype), dalpha.to(alpha.dtype), dbias.to(bias.dtype)
 
 
@@ -172,7 +172,7 @@ def post_res(X: Tensor, y: Tensor, H_post: Tensor, H_res: Tensor) -> Tensor:
 
         out = kernels.post_res_fwd(*args)
     else:
-        out = runtime.cpu_path(reference.post_res)(*args)
+        out = runtime.cpu_path(cpu_path.post_res)(*args)
     return out.reshape(X.shape)
 
 
@@ -193,7 +193,7 @@ def post_res_backward(X: Tensor, y: Tensor, H_post: Tensor, H_res: Tensor, grad:
 
         dX, dy, dH_post, dH_res = kernels.post_res_bwd(*args)
     else:
-        dX, dy, dH_post, dH_res = runtime.cpu_path(reference.post_res_backward)(*args)
+        dX, dy, dH_post, dH_res = runtime.cpu_path(cpu_path.post_res_backward)(*args)
     return (dX.reshape(X.shape), dy.reshape(y.shape).to(y.dtype), dH_post.reshape(H_post.shape).to(H_post.dtype),
             dH_res.reshape(H_res.shape).to(H_res.dtype))
 
@@ -231,8 +231,8 @@ def post_res_pre(
 
         X_next, *outs = pre.post_res_pre_fwd(*post_args, *pre_args)
     else:
-        X_next = runtime.cpu_path(reference.post_res)(*post_args)
-        outs = runtime.cpu_path(reference.mhc_pre)(X_next, *pre_args)
+        X_next = runtime.cpu_path(cpu_path.post_res)(*post_args)
+        outs = runtime.cpu_path(cpu_path.mhc_pre)(X_next, *pre_args)
     return (X_next.reshape(X.shape), *_pre_outputs(X.shape[:-2], X.shape[-1], tuple(outs)))
 
 
@@ -264,4 +264,4 @@ post_res_pre.register_autograd(_post_pre_backward, setup_context=_post_pre_setup
 def decompositions() -> dict:
     """``{op overload: reference function}`` for ``ExportedProgram.run_decompositions``: the
     forward ops become the reference math (the form ONNX export takes)."""
-    return {getattr(torch.ops.mhc_fx, name).default: fn for name, fn in reference.DECOMPOSITIONS.items()}
+    return {getattr(torch.ops.mhc_fx, name).default: fn for name, fn in cpu_path.DECOMPOSITIONS.items()}

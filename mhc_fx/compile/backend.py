@@ -4,17 +4,17 @@ For each graph Dynamo captures, the backend
 
 1. traces it to pre-dispatch ATen (``make_fx``): Python spellings normalised, autograd not yet
    applied;
-2. runs :func:`mhc_fx.passes.fuse.fuse_mhc`: every mHC pre side (RMS norm + projection,
+2. runs :func:`mhc_fx.compile.fuse.fuse_mhc`: every mHC pre side (RMS norm + projection,
    coefficients + Sinkhorn, ``H_pre·X``), every mixing ``H_res·X + H_postᵀ·y`` and adjacent
    (post_res, pre) pairs found *by what they compute* become ``torch.ops.mhc_fx`` ops;
 3. hands the graph to Inductor (``compile_fx``). AOTAutograd builds the joint forward/backward
    graph from it, in which the fused ops' registered backwards appear; with
-   ``recompute=True``, :class:`mhc_fx.passes.recompute.SelectiveRecompute` plans there which
+   ``recompute=True``, :class:`mhc_fx.compile.recompute.SelectiveRecompute` plans there which
    stream tensors are recomputed instead of saved.
 
 Options, by ``torch.compile(m, backend="mhc", options={...})`` or
 ``torch.compile(m, backend=mhc_fx.backend.options(...))``: see :class:`BackendOptions`.
-What was fused: :func:`reports` (one :class:`~mhc_fx.passes.fuse.FusionReport` per compiled
+What was fused: :func:`reports` (one :class:`~mhc_fx.compile.fuse.FusionReport` per compiled
 graph) and the ``mhc_fx.backend`` logger (INFO).
 
 The name ``"mhc"`` comes from the ``torch_dynamo_backends`` entry point in ``pyproject.toml``
@@ -31,15 +31,13 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 from torch._inductor.compile_fx import compile_fx
-from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from .errors import ConfigError
-from .kernels import runtime  # importing mhc_fx.kernels registers torch.ops.mhc_fx
-from .passes.fuse import FusionReport, fuse_mhc
-from .passes.recompute import SelectiveRecompute
+from ..convert.capture import to_aten
+from ..errors import ConfigError
+from ..kernels import runtime  # importing mhc_fx.kernels registers torch.ops.mhc_fx
+from .fuse import FusionReport, fuse_mhc
+from .recompute import SelectiveRecompute
 
 log = logging.getLogger(__name__)
 _REPORTS: list[FusionReport] = []
@@ -93,25 +91,6 @@ def reports() -> list[FusionReport]:
 def clear_reports() -> None:
     """Forget the reports :func:`reports` returns."""
     _REPORTS.clear()
-
-
-def to_aten(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, Callable[[fx.GraphModule], None]]:
-    """``gm`` (a Dynamo graph) traced to pre-dispatch ATen, with ``meta["val"]`` on every node
-    and the source's ``nn_module_stack``; and a function that refreshes that metadata."""
-    fake_mode = detect_fake_mode(example_inputs) or torch._subclasses.FakeTensorMode()
-    fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
-
-    def run(*args):
-        return fx.Interpreter(gm).run(*args)
-
-    with torch.fx.traceback.preserve_node_meta(), fake_mode:
-        aten_gm = make_fx(run, pre_dispatch=True)(*fakes)
-
-    def refresh(module: fx.GraphModule) -> None:
-        with fake_mode:
-            FakeTensorProp(module, mode=fake_mode).propagate_dont_convert_inputs(*fakes)
-
-    return aten_gm, refresh
 
 
 def mhc(gm: fx.GraphModule, example_inputs: list, *, options: dict | None = None, mode: str | None = None):

@@ -20,10 +20,10 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from .conversion import convert
+from ..convert import convert
 from .data import VOCAB, CharBatches, encode, stdlib_text
-from .diagnostics import BlockStats, mixing_stats
-from .optim import param_groups
+from ..diagnostics import BlockStats, mixing_stats
+from ..optim import param_groups
 from .zoo import TinyGPT
 
 METHODS = ("residual", "hc", "mhc")

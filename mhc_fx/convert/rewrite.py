@@ -8,16 +8,59 @@ For a stream of blocks ``k = 0..L-1`` (``x_{k+1} = x_k + F_k(x_k)``)::
     X_{k+1} = link ops applied to X'_k                  stream-wise ops between blocks
     reduce(X)                                           for every other reader of a stream value
 
-The connection modules must already be submodules of ``gm`` (the rewrite only adds nodes).
+:func:`rewrite_graph` matches a capture against the plan and attaches the plan's modules (the
+model's own, at the same paths) to the captured graph before rewriting it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import operator
+from typing import Any
 
 import torch.fx as fx
+from torch import nn
 
-from .streams import Stream
+from .inplace import functionalize_intermediate_inplace
+from .plan import STREAMS_MODULE, Plan, match
+from .residuals import Residual, SkippedAdd, find_residual_adds
+from .streams import Stream, group_streams
+
+
+@dataclasses.dataclass
+class Analysis:
+    """A captured graph's residual blocks (graph order), their streams, and the adds left alone."""
+
+    gm: fx.GraphModule
+    residuals: list[Residual]
+    streams: list[Stream]
+    skipped: list[SkippedAdd]
+
+
+def analyse(gm: fx.GraphModule, feature_dim: int | None, param_inputs: set[fx.Node] = frozenset()) -> Analysis:
+    functionalize_intermediate_inplace(gm)
+    residuals, skipped = find_residual_adds(gm, feature_dim, param_inputs)
+    return Analysis(gm, residuals, group_streams(gm, residuals), skipped)
+
+
+def lookup(root: nn.Module, path: str) -> Any:
+    """The attribute at dotted ``path`` of ``root``, or None."""
+    try:
+        return functools.reduce(getattr, path.split("."), root)
+    except AttributeError:
+        return None
+
+
+def register(tree: nn.Module, path: str, module: nn.Module) -> None:
+    """Add ``module`` at ``path`` of ``tree``, creating empty containers where a parent is missing."""
+    *parents, name = path.split(".")
+    owner = tree
+    for part in parents:
+        if not isinstance(getattr(owner, part, None), nn.Module):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    owner.add_module(name, module)
 
 
 def _insert(graph: fx.Graph, after: fx.Node, op: str, target, args) -> fx.Node:
@@ -99,11 +142,27 @@ def rewrite_stream(
 
 
 def erase_dead(gm: fx.GraphModule, dead: list[fx.Node]) -> None:
-    """Erase the replaced nodes, then every pure node left without readers; lint. (The graph
-    is compiled once, when :class:`~mhc_fx.ConvertedModel` binds it.)"""
+    """Erase the replaced nodes, then every pure node left without readers; lint."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in sorted(dead, key=order.__getitem__, reverse=True):
         if not node.users:
             gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "call_function" or n.is_impure())
     gm.graph.lint()
+
+
+def rewrite_graph(gm: fx.GraphModule, a: Analysis, plan: Plan, model: nn.Module, context: str) -> None:
+    """Rewrite a capture's graph with the plan's modules (read from ``model``, attached to ``gm``
+    at the same paths); raises ConversionError when the capture does not match the plan."""
+    paths = match(plan, a.streams, a.residuals, context)
+    for i, names in enumerate(paths):
+        for path in names:
+            register(gm, path, model.get_submodule(path))
+        register(gm, f"{STREAMS_MODULE}.{i}", model.get_submodule(f"{STREAMS_MODULE}.{i}"))
+    dead: list[fx.Node] = []
+    replaced: dict[fx.Node, fx.Node] = {}
+    for i, (stream, names) in enumerate(zip(a.streams, paths)):  # streams are in graph order
+        ends = f"{STREAMS_MODULE}.{i}"
+        dead += rewrite_stream(gm, stream, names, f"{ends}.expand", f"{ends}.reduce", replaced)
+    erase_dead(gm, dead)
+    gm.recompile()

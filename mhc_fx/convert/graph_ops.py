@@ -135,18 +135,22 @@ def canonical(node: fx.Node) -> fx.Node:
     return node
 
 
-def parameter_nodes(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes whose value is a trainable parameter or derived from parameters only
-    (``t(weight)``, ``weight.to(dtype)``): constant propagation over parameters."""
-    out: set[fx.Node] = set()
+def parameter_nodes(gm: fx.GraphModule, inputs: set[fx.Node] = frozenset()) -> set[fx.Node]:
+    """Nodes whose value is a parameter (trainable or frozen: frozen weights are weights) or
+    derived from parameters only (``t(weight)``, ``weight.to(dtype)``): constant propagation
+    over parameters.
+
+    Args:
+        inputs: placeholders that carry parameters (Dynamo lifts parameters to graph inputs).
+    """
+    out: set[fx.Node] = set(inputs)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             try:
-                val = gm.get_parameter(node.target)
+                gm.get_parameter(node.target)
             except AttributeError:
                 continue
-            if val.requires_grad:
-                out.add(node)
+            out.add(node)
         elif node.op == "call_function" and node.all_input_nodes:
             if all(n in out for n in node.all_input_nodes):
                 out.add(node)

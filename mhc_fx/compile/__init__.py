@@ -1,0 +1,1 @@
+"""The ``mhc`` torch.compile backend and its fx passes (fusion, selective recomputation)."""

@@ -1,0 +1,135 @@
+"""Capture: turn a call of the model into a pre-dispatch ATen graph the passes analyse.
+
+Two front ends, one graph level:
+
+- **Dynamo** (every call of a converted model, and ``torch.compile(backend="mhc")``): the graph
+  Dynamo hands a backend is traced to pre-dispatch ATen by :func:`to_aten`; parameters are
+  graph inputs (:func:`parameter_placeholders`). Dynamo's guards decide when a call needs a new
+  capture.
+- **torch.export** (ONNX export, :func:`export_graph`): ``strict=False`` with every input dim
+  ``Dim.AUTO`` so batch and sequence stay dynamic in the file.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch._guards import detect_fake_mode
+from torch.export import Dim
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils import _pytree as pytree
+
+
+def contiguous_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The example inputs with every tensor contiguous: torch.export emits a broken input guard
+    for a non-contiguous example (e.g. a slice ``ids[:, :-1]``)."""
+    return pytree.tree_map_only(torch.Tensor, torch.Tensor.contiguous, (args, kwargs))
+
+
+def auto_dims(args: tuple, kwargs: dict, fn) -> dict[str, Any]:
+    """``Dim.AUTO`` on every dim of every tensor input, keyed by forward's parameter names."""
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+
+    def spec(value):
+        return pytree.tree_map(
+            lambda t: {i: Dim.AUTO for i in range(t.dim())} if isinstance(t, torch.Tensor) else None, value
+        )
+
+    return {name: spec(value) for name, value in bound.arguments.items()}
+
+
+def export_graph(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
+    """``model``'s call on the example inputs, captured by ``torch.export`` (in its current
+    mode) as a GraphModule with the module's attribute paths and no input guards."""
+    shapes = auto_dims(args, kwargs, model.forward) if dynamic else None
+    ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
+    return _without_input_guards(ep.module())
+
+
+def _without_input_guards(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop the input-guard call export inserts (``_guards_fn``): its generated code breaks on
+    re-tracing (torch.onnx, torch.export of the converted model), and without it the converted
+    model, like the original, raises where its own code rejects an input."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    gm.recompile()
+    return gm
+
+
+def to_aten(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, Callable[[fx.GraphModule], None]]:
+    """``gm`` (a Dynamo graph) traced to pre-dispatch ATen, with ``meta["val"]`` on every node
+    and the source's ``nn_module_stack``; and a function that refreshes that metadata."""
+    fake_mode = detect_fake_mode(example_inputs) or torch._subclasses.FakeTensorMode()
+    fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+
+    def run(*args):
+        return fx.Interpreter(gm).run(*args)
+
+    with torch.fx.traceback.preserve_node_meta(), fake_mode:
+        aten_gm = make_fx(run, pre_dispatch=True)(*fakes)
+
+    def refresh(module: fx.GraphModule) -> None:
+        with fake_mode:
+            FakeTensorProp(module, mode=fake_mode).propagate_dont_convert_inputs(*fakes)
+
+    return aten_gm, refresh
+
+
+def parameter_placeholders(gm: fx.GraphModule, example_inputs: list) -> set[fx.Node]:
+    """The placeholders of ``gm`` (traced by :func:`to_aten`) that Dynamo fed a parameter."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {n for n, x in zip(placeholders, example_inputs) if isinstance(x, nn.Parameter)}
+
+
+def describe_inputs(dynamo_gm: fx.GraphModule, example_inputs: list, positional: list[str]) -> dict[str, str]:
+    """The tensor inputs of a Dynamo graph (not the module's parameters, buffers or sizes), as
+    ``{"input_ids": "int64[2, 8]"}``: what a capture report shows. ``positional`` names the
+    forward's positional parameters (Dynamo calls them ``args[i]``)."""
+    out = {}
+    placeholders = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        arg = node.meta.get("grapharg")
+        name = arg.source.name if arg is not None and arg.source is not None else node.name
+        if "L['self']" in name or "L__self__" in name or not isinstance(value, torch.Tensor):
+            continue
+        name = _POSITIONAL.sub(lambda m: positional[int(m[1])] if int(m[1]) < len(positional) else m[0], name)
+        name = _SOURCE.sub(r"\1", name)
+        if isinstance(value, torch.Tensor):
+            dtype = str(value.dtype).removeprefix("torch.")
+            out[name] = f"{dtype}{list(value.shape)}" + ("" if value.device.type == "cpu" else f"@{value.device}")
+        else:
+            out[name] = repr(value)
+    return out
+
+
+_SOURCE = re.compile(r"^L\['(?:kwargs'\]\[')?([^']*)'\]")
+_POSITIONAL = re.compile(r"^L\['args'\]\[(\d+)\]")
+
+
+def prepare_hf(model: nn.Module, kwargs: dict) -> None:
+    """Before a call that asks a Hugging Face model for extra outputs (``output_hidden_states``,
+    ``output_attentions``, as an argument or in its config), install transformers' output-capturing
+    hooks: transformers installs them lazily inside ``forward``, under a lock Dynamo cannot trace."""
+    config = getattr(model, "config", None)
+    wanted = any(v for k, v in kwargs.items() if k.startswith("output_")) or any(
+        getattr(config, f, False) is True for f in ("output_hidden_states", "output_attentions")
+    )
+    if not wanted:
+        return
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            maybe_install_capturing_hooks(module)
