@@ -84,6 +84,25 @@ def to_aten(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, C
     return aten_gm, refresh
 
 
+def inline_modules(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+    """``gm`` with its ``call_module`` nodes traced into ATen ops, and the tensors of those
+    modules (parameters, buffers) lifted to extra inputs after ``example_inputs``: the form a
+    ``torch.compile`` backend takes (it sees every op, and every parameter as an input)."""
+    state = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+    names, tensors = list(state), list(state.values())
+    count = len(example_inputs)
+
+    def run(*args):
+        state = dict(zip(names, args[count:]))
+        return torch.func.functional_call(gm, state, tuple(args[:count]), strict=False)
+
+    fake_mode = detect_fake_mode(example_inputs) or torch._subclasses.FakeTensorMode()
+    fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in (*example_inputs, *tensors)]
+    with torch.fx.traceback.preserve_node_meta(), fake_mode:
+        flat = make_fx(run, pre_dispatch=True)(*fakes)
+    return flat, list(tensors)
+
+
 def parameter_placeholders(gm: fx.GraphModule, example_inputs: list) -> set[fx.Node]:
     """The placeholders of ``gm`` (traced by :func:`to_aten`) that Dynamo fed a parameter."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

@@ -8,27 +8,32 @@ runs it. Dynamo's guards (dtypes, devices, sizes — 0/1 included —, non-tenso
 None-ness of optional inputs, module modes, grad mode, hooks) decide when a call needs a new
 capture; each new capture is checked against the plan and recorded in the report.
 
-Under an outer ``torch.compile`` the call is opaque (``torch.compiler.disable``): the outer
-graph breaks around it and the converted function runs as above, whatever the outer backend;
-``torch.compile(model, backend="mhc")`` makes these captures fused and Inductor-compiled
-(:mod:`mhc_fx.compile.backend`).
+Under an outer ``torch.compile(model, backend=B)`` the call is opaque to the outer trace
+(``torch.compiler.disable``: a graph break), and the guarded call hands its *rewritten* captures
+to ``B`` instead of running them eagerly (:func:`outer_backend` finds ``B`` on the compiled
+wrapper of the model). So ``torch.compile(model)`` compiles the converted function with
+Inductor, ``backend="mhc"`` fuses its mHC subgraphs (:mod:`mhc_fx.compile.backend`), and no
+backend ever sees the unconverted graph.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import itertools
+import sys
 import types
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule, innermost_backend
 
 from ..config import MHCConfig
 from ..errors import CaptureError, MHCError
-from .capture import describe_inputs, parameter_placeholders, prepare_hf, to_aten
+from .capture import describe_inputs, inline_modules, parameter_placeholders, prepare_hf, to_aten
 from .plan import Plan
 from .report import ConversionReport
 from .rewrite import analyse, rewrite_graph
@@ -42,6 +47,8 @@ DYNAMO_SETTINGS = {
     "fail_on_recompile_limit_hit": True,
 }
 _ids = itertools.count()
+#: how many frames up :func:`outer_backend` looks for a ``torch.compile`` wrapper
+STACK_DEPTH = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +100,23 @@ def fresh_entry() -> Callable:
     return types.FunctionType(code, _entry.__globals__, code.co_name)
 
 
-def run_eagerly(aten: fx.GraphModule, refresh, example_inputs: list) -> Callable:
-    """The default runner of a rewritten capture: its ATen graph, op by op."""
-    return aten
+def outer_backend(model: nn.Module) -> Any:
+    """The backend of the ``torch.compile(model, ...)`` wrapper this call came through, or None
+    for a plain call. Found by walking up the Python stack to the ``OptimizedModule`` whose
+    original module is ``model`` (Dynamo keeps no other record a callee can read)."""
+    frame = sys._getframe(2)
+    for _ in range(STACK_DEPTH):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        if isinstance(owner, OptimizedModule) and owner._orig_mod is model:
+            return innermost_backend(owner.dynamo_ctx.callback)
+        frame = frame.f_back
+    return None
+
+
+def _backend_name(backend: Any) -> str:
+    return getattr(backend, "compiler_name", None) or getattr(backend, "__name__", None) or type(backend).__name__
 
 
 class ConvertedForward:
@@ -104,45 +125,56 @@ class ConvertedForward:
     Attributes:
         model: the converted model; plan: its :class:`~mhc_fx.convert.plan.Plan`; config: its
         :class:`~mhc_fx.MHCConfig`; report: its :class:`~mhc_fx.ConversionReport`
-        (``report.captures`` grows per capture); runner: ``(aten_gm, refresh, example_inputs)
-        → callable`` runs a rewritten capture (:func:`run_eagerly`, or the ``mhc`` backend's
-        fusion and Inductor); backend_name: its name in the report.
+        (``report.captures`` grows per capture).
     """
 
     def __init__(self, model: nn.Module, plan: Plan, config: MHCConfig, report: ConversionReport) -> None:
         self.model, self.plan, self.config, self.report = model, plan, config, report
-        self.backend_name = "eager"
-        self.runner: Callable = run_eagerly
-        self._compiled = None
+        self._compiled: list[tuple[Any, Callable]] = []  # (outer backend or None, compiled entry)
         params = list(inspect.signature(type(model).forward).parameters.values())[1:]
         self.__signature__ = inspect.Signature(params)
         self.__doc__ = type(model).forward.__doc__
 
-    def __getstate__(self) -> dict:  # pickle / deepcopy: the compiled function is rebuilt lazily
+    def __getstate__(self) -> dict:  # pickle / deepcopy: compiled entries are rebuilt lazily
         state = dict(self.__dict__)
-        state["_compiled"] = None
+        state["_compiled"] = []
         return state
 
-    def _backend(self, gm: fx.GraphModule, example_inputs: list):
+    def _compiled_for(self, backend: Any) -> Callable:
+        for known, compiled in self._compiled:
+            if known is backend:
+                return compiled
+        rewrite = functools.partial(self._rewrite, backend)
+        compiled = torch.compile(fresh_entry(), backend=rewrite, fullgraph=True)
+        self._compiled.append((backend, compiled))
+        return compiled
+
+    def _rewrite(self, backend: Any, gm: fx.GraphModule, example_inputs: list):
+        """Dynamo's backend for one capture: rewrite it, then run it eagerly or hand it to the
+        outer ``torch.compile``'s backend."""
         inputs = describe_inputs(gm, example_inputs, list(self.__signature__.parameters))
-        record = CaptureRecord(inputs, self.model.training, torch.is_grad_enabled(), "", self.backend_name)
+        name = "eager" if backend is None else _backend_name(backend)
+        record = CaptureRecord(inputs, self.model.training, torch.is_grad_enabled(), "", name)
         record = dataclasses.replace(
             record, reason=_reason(self.report.captures[-1] if self.report.captures else None, record)
         )
-        aten, refresh = to_aten(gm, example_inputs)
+        aten, _ = to_aten(gm, example_inputs)
         a = analyse(aten, self.config.feature_dim, parameter_placeholders(aten, example_inputs))
         rewrite_graph(aten, a, self.plan, self.model, f"{type(self.model).__name__} called with {record}")
         self.report.captures.append(record)
-        return self.runner(aten, refresh, example_inputs)
+        if backend is None:
+            return aten
+        flat, extra = inline_modules(aten, example_inputs)
+        compiled = backend(flat, [*example_inputs, *extra])
+        return lambda *args: compiled(*args, *extra)
 
     @torch.compiler.disable
     def __call__(self, *args, **kwargs):
-        if self._compiled is None:
-            self._compiled = torch.compile(fresh_entry(), backend=self._backend, fullgraph=True)
+        compiled = self._compiled_for(outer_backend(self.model))
         prepare_hf(self.model, kwargs)
         try:
             with torch._dynamo.config.patch(**DYNAMO_SETTINGS):
-                return self._compiled(self.model, *args, **kwargs)
+                return compiled(self.model, *args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as err:
             if isinstance(err.inner_exception, MHCError):
                 raise err.inner_exception.with_traceback(None) from None
