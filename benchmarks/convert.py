@@ -7,6 +7,7 @@ well under a second for 48 layers.
 """
 
 import argparse
+import copy
 import statistics
 
 import torch
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 import mhc_fx
-from mhc_fx.zoo import TinyGPT
+from mhc_fx.demo.zoo import TinyGPT
 
 
 def main() -> None:
@@ -30,7 +31,7 @@ def main() -> None:
     for col in ("method", "blocks", "capture", "passes", "check", "total"):
         table.add_column(col, justify="right")
     for method in ("mhc", "hc", "residual"):
-        runs = [mhc_fx.convert(model, (ids,), method=method).report for _ in range(args.repeats)]
+        runs = [mhc_fx.report(mhc_fx.convert(copy.deepcopy(model), (ids,), method=method)) for _ in range(args.repeats)]
         med = {k: statistics.median(r.seconds[k] for r in runs) for k in ("capture", "passes", "check")}
         table.add_row(method, str(runs[0].num_blocks), *(f"{med[k]:.3f}" for k in med), f"{sum(med.values()):.3f}")
     Console().print(table)

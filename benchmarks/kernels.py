@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from mhc_fx.kernels import reference, runtime  # noqa: E402
+from mhc_fx.kernels import cpu_path as reference, runtime  # noqa: E402
 from mhc_fx.nn import functional as MF  # noqa: E402
 
 ops = torch.ops.mhc_fx

@@ -25,9 +25,9 @@ from rich.console import Console
 from rich.table import Table
 
 import mhc_fx
-import mhc_fx.backend
+from mhc_fx.compile import backend as mhc_backend
 from mhc_fx.memory import saved_bytes
-from mhc_fx.zoo import TinyGPT
+from mhc_fx.demo.zoo import TinyGPT
 
 
 def timed(fn, repeats: int, device: str) -> float:
@@ -103,7 +103,7 @@ def compiled_table(args, base, ids, targets) -> Table:
     rows = [
         ("baseline", base, "inductor"),
         (f"mhc n={args.n}", converted, "mhc"),
-        (f"mhc n={args.n}", converted, mhc_fx.backend.options(recompute=True)),
+        (f"mhc n={args.n}", converted, mhc_backend.options(recompute=True)),
     ]
     if args.plain_inductor:
         rows.append((f"mhc n={args.n}", converted, "inductor"))

@@ -13,8 +13,8 @@ import logging
 import torch
 
 import mhc_fx
-import mhc_fx.backend
-from mhc_fx.zoo import TinyGPT
+from mhc_fx.compile import backend as mhc_backend
+from mhc_fx.demo.zoo import TinyGPT
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     logging.basicConfig(format="%(name)s: %(message)s")
-    logging.getLogger("mhc_fx.backend").setLevel(logging.INFO)  # the fusion report, as it happens
+    logging.getLogger("mhc_fx.compile.backend").setLevel(logging.INFO)  # the fusion report, as it happens
     torch.manual_seed(0)
     ids = torch.randint(0, 96, (4, 33))
     inputs, targets = ids[:, :-1], ids[:, 1:]
@@ -41,7 +41,7 @@ def main() -> None:
     model.eval()
     with torch.no_grad():  # a second graph (inference), fused as well
         out, ref = compiled(inputs), model(inputs)
-    for report in mhc_fx.backend.reports():
+    for report in mhc_backend.reports():
         print(report)
     print(f"compiled vs eager after training: relative error {float((out - ref).norm() / ref.norm()):.2e}")
 

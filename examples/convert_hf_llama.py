@@ -29,7 +29,7 @@ def main() -> None:
     # the converted model accepts exactly the inputs it was captured with: labels included
     example = {"input_ids": ids, "labels": ids, "use_cache": False}
     converted = mhc_fx.convert(model, example_kwargs=example, n=args.n)
-    print(converted.report)
+    print(mhc_fx.report(converted))
 
     with torch.no_grad():
         ref = model.eval()(**example).logits

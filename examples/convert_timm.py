@@ -24,7 +24,7 @@ def main() -> None:
     images = torch.randn(8, 3, 64, 64)
     labels = torch.randint(0, 10, (8,))
     converted = mhc_fx.convert(model, (images[:2],), n=4)
-    print(converted.report)
+    print(mhc_fx.report(converted))
     with torch.no_grad():
         ref, out = model(images), converted.eval()(images)
     print(f"converted vs original: relative error {float((out - ref).norm() / ref.norm()):.2e}")

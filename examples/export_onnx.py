@@ -13,7 +13,7 @@ import onnxruntime as ort
 import torch
 
 import mhc_fx
-from mhc_fx.zoo import TinyGPT
+from mhc_fx.demo.zoo import TinyGPT
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 
 from .config import METHODS, MHCConfig
-from .conversion import convert, find_residuals
+from .convert import convert, find_residuals, report as conversion_report
 from .errors import MHCError
 from .specs import SpecError, load
 
@@ -43,9 +43,13 @@ def _convert(args, console: Console) -> None:
     model, ex_args, ex_kwargs = load(args.spec, _shape(args.input_shape))
     config = _config(args)
     converted = convert(model, ex_args, ex_kwargs, config=config)
-    console.print(converted.report)
+    console.print(conversion_report(converted))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if hasattr(converted, "save_pretrained"):  # Hugging Face: the format mhc_fx.from_pretrained loads
+        converted.save_pretrained(out)
+        console.print(f"wrote {out} (save_pretrained; load it with mhc_fx.from_pretrained({str(out)!r}))")
+        return
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous() for k, v in converted.state_dict().items()}
@@ -53,14 +57,14 @@ def _convert(args, console: Console) -> None:
     meta = {
         "spec": args.spec,
         "config": dataclasses.asdict(config),
-        "blocks": [dataclasses.asdict(b) for b in converted.report.blocks],
+        "blocks": [dataclasses.asdict(b) for b in conversion_report(converted).blocks],
     }
     (out / "mhc_config.json").write_text(json.dumps(meta, indent=2))
     console.print(f"wrote {out / 'model.safetensors'} ({len(state)} tensors) and {out / 'mhc_config.json'}")
 
 
 def _export(args, console: Console) -> None:
-    from .onnx import export_onnx
+    from .export.onnx import export_onnx
 
     model, ex_args, ex_kwargs = load(args.spec, _shape(args.input_shape))
     converted = convert(model, ex_args, ex_kwargs, config=_config(args))
@@ -75,7 +79,7 @@ def _export(args, console: Console) -> None:
 
 
 def _demo(args, console: Console) -> None:
-    from .demo import DemoSettings, run_demo
+    from .demo.run import DemoSettings, run_demo
 
     run_demo(
         DemoSettings(steps=args.steps, n=args.n, layers=args.layers, device=args.device, out=pathlib.Path(args.out),

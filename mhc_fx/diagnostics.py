@@ -15,6 +15,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from .convert import is_converted, report
 from .nn import functional as MF
 from .nn.connections import Connection
 
@@ -69,8 +70,8 @@ def _summary(t: torch.Tensor) -> tuple[float, float, float]:
 def mixing_stats(model: nn.Module, *args, **kwargs) -> list[BlockStats]:
     """Run ``model`` once (in its current mode) and return the stats of every connection.
 
-    Blocks are grouped into streams by the model's ``report`` (a :class:`ConvertedModel`);
-    composite gains run along each stream.
+    Blocks are grouped into streams by the model's :func:`mhc_fx.report`; composite gains run
+    along each stream.
     """
     captured: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     hooks = []
@@ -88,7 +89,7 @@ def mixing_stats(model: nn.Module, *args, **kwargs) -> list[BlockStats]:
     finally:
         for h in hooks:
             h.remove()
-    blocks = getattr(getattr(model, "report", None), "blocks", None)
+    blocks = report(model).blocks if is_converted(model) else None
     order = [(b.module, b.stream, b.index) for b in blocks] if blocks else [(n, 0, i) for i, n in enumerate(captured)]
     stats, products = [], {}
     for name, stream, index in order:
@@ -110,9 +111,8 @@ def gradient_norms(model: nn.Module) -> dict[str, float]:
     """L2 norm of the gradients of each connection and of each block's branch module (after a
     backward pass), keyed by module path."""
     out = {}
-    report = getattr(model, "report", None)
-    names = [b.module for b in report.blocks] if report is not None else []
-    names += [b.name for b in report.blocks] if report is not None else []
+    blocks = report(model).blocks if is_converted(model) else []
+    names = [b.module for b in blocks] + [b.name for b in blocks]
     for name in names:
         try:
             module = model.get_submodule(name)

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 import mhc_fx
-from mhc_fx.zoo import TinyGPT
+from mhc_fx.demo.zoo import TinyGPT
 
 STEPS, BATCH, SEQ, VOCAB, LR = 3, 4, 9, 96, 0.5
 
@@ -61,9 +61,7 @@ def run(rank: int, world: int, port: int, mode: str, out: str) -> None:
             from torch.distributed.fsdp import fully_shard
 
             mesh = init_device_mesh("cpu", (world,))
-            for unit in model.split_units():  # one FSDP2 unit per block, connections included
-                fully_shard(model.get_submodule(unit), mesh=mesh)
-            wrapped = fully_shard(model, mesh=mesh)
+            wrapped = fully_shard(model, mesh=mesh)  # one FSDP2 unit: the whole model, connections included
             from torch.distributed.tensor import DTensor
 
             unsharded = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]

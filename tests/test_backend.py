@@ -12,11 +12,11 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import mhc_fx
-import mhc_fx.backend
+from mhc_fx.compile import backend as mhc_backend
 from mhc_fx.errors import ConfigError
 from mhc_fx.kernels import runtime
 from mhc_fx.memory import saved_bytes
-from mhc_fx.zoo import TinyGPT
+from mhc_fx.demo.zoo import TinyGPT
 
 from .conftest import float_leaves, rel_err
 from .real_models import REAL_MODELS
@@ -54,14 +54,14 @@ def _eager_and_compiled(model: nn.Module, oracle: nn.Module, args, kwargs, backe
     _loss(out).backward()
     runs.append((float_leaves(out), _grads(model)))
     model.zero_grad(set_to_none=True)
-    mhc_fx.backend.clear_reports()
+    mhc_backend.clear_reports()
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     before = runtime.launches.copy()
     out = compiled(*args, **kwargs)
     _loss(out).backward()
     launched = runtime.launches - before
     runs.append((float_leaves(out), _grads(model)))
-    (report,) = mhc_fx.backend.reports()
+    (report,) = mhc_backend.reports()
     return runs, launched, report
 
 
@@ -96,7 +96,7 @@ def test_converted_real_model_is_fused_and_matches_eager(name):
     oracle.load_state_dict(model.state_dict())
     runs, launched, report = _eager_and_compiled(model, oracle, args, kwargs)
     _assert_equal(runs)
-    blocks = model.report.num_blocks
+    blocks = mhc_fx.report(model).num_blocks
     assert report.num_pre == report.num_post_res == blocks, str(report)
     assert report.counts["post_res_pre"] == blocks - 1, str(report)  # every block after the first
     assert not report.unfused, str(report)
@@ -155,7 +155,7 @@ class PaperStyleNet(nn.Module):
 def test_hand_written_mhc_layer_is_fused(caplog):
     model = PaperStyleNet()
     x = torch.randn(2, 5, 24)
-    with caplog.at_level(logging.INFO, logger="mhc_fx.backend"):
+    with caplog.at_level(logging.INFO, logger="mhc_fx.compile.backend"):
         runs, launched, report = _eager_and_compiled(model, copy.deepcopy(model).double(), (x,), {})
     _assert_equal(runs)
     # blocks 0 and 1 fused (1's pre merged with 0's mixing); block 2 normalises rows first
@@ -180,7 +180,7 @@ def test_recompute_lowers_saved_bytes_with_unchanged_gradients(monkeypatch):
     for name, net, backend in [
         ("baseline", gpt, "inductor"),
         ("mhc", model, "mhc"),
-        ("mhc+recompute", model, mhc_fx.backend.options(recompute=True)),
+        ("mhc+recompute", model, mhc_backend.options(recompute=True)),
     ]:
         torch._dynamo.reset()
         compiled = torch.compile(net, backend=backend, fullgraph=True)
@@ -190,7 +190,7 @@ def test_recompute_lowers_saved_bytes_with_unchanged_gradients(monkeypatch):
         saved[name] = saved_bytes(compiled, ids)
     print("saved for backward (bytes):", saved)
     assert saved["mhc+recompute"] < 0.85 * saved["mhc"]
-    assert "L_r=4: 6 of 24 block streams saved" in mhc_fx.backend.reports()[-1].recompute
+    assert "L_r=4: 6 of 24 block streams saved" in mhc_backend.reports()[-1].recompute
     assert eager.keys() == grads["mhc"].keys()
     for name, ref in eager.items():  # fp32 sums in other orders: a wrong fusion is off by O(1)
         assert rel_err(grads["mhc"][name], ref) <= 1e-4, name
@@ -201,10 +201,10 @@ def test_recompute_lowers_saved_bytes_with_unchanged_gradients(monkeypatch):
 def test_backend_is_registered_and_checks_its_options():
     assert "mhc" in torch._dynamo.list_backends()
     with pytest.raises(ConfigError, match=r"unknown option\(s\) \['recomptue'\]"):
-        mhc_fx.backend.options(recomptue=True)
-    assert mhc_fx.backend.BackendOptions.parse({"compile_cpu_ops": False}).compile_cpu_ops is False
+        mhc_backend.options(recomptue=True)
+    assert mhc_backend.BackendOptions.parse({"compile_cpu_ops": False}).compile_cpu_ops is False
     with pytest.raises(ConfigError, match="recompute_every must be an int ≥ 1"):
-        mhc_fx.backend.BackendOptions.parse({"recompute": True, "recompute_every": 0})
+        mhc_backend.BackendOptions.parse({"recompute": True, "recompute_every": 0})
 
 
 @needs_kernels
@@ -214,12 +214,12 @@ def test_graph_recompiled_with_dynamic_sizes_is_fused():
     ``dynamic=True`` from the start lifts the RMS eps to an input: reported, not fused."""
     model = mhc_fx.convert(TinyGPT(layers=1, dim=16, heads=2), (torch.randint(0, 96, (2, 8)),), n=4, sinkhorn_iters=ITERS)
     _randomize_connections(model)
-    mhc_fx.backend.clear_reports()
+    mhc_backend.clear_reports()
     compiled = torch.compile(model, backend="mhc", fullgraph=True)
     for shape in [(2, 8), (3, 5), (4, 11)]:
         ids = torch.randint(0, 96, shape)
         assert rel_err(compiled(ids), model(ids)) <= 1e-5
-    reports = mhc_fx.backend.reports()
+    reports = mhc_backend.reports()
     assert len(reports) == 2  # static, then dynamic: the third shape reused the second graph
     assert all(r.num_pre == r.num_post_res == 2 and not r.unfused for r in reports), [str(r) for r in reports]
 
@@ -227,7 +227,7 @@ def test_graph_recompiled_with_dynamic_sizes_is_fused():
     compiled = torch.compile(model, backend="mhc", fullgraph=True, dynamic=True)
     ids = torch.randint(0, 96, (2, 8))
     assert rel_err(compiled(ids), model(ids)) <= 1e-5
-    report = mhc_fx.backend.reports()[-1]
+    report = mhc_backend.reports()[-1]
     assert report.num_pre == 0 and len(report.unfused) == 2
     assert "torch.compile(dynamic=True) lifts to inputs" in report.unfused[0].reason
 
@@ -238,9 +238,9 @@ def test_bfloat16_model_is_fused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     ids = torch.randint(0, 96, (2, 16))
     model = mhc_fx.convert(TinyGPT(layers=2, dim=32, heads=2).bfloat16(), (ids,), n=4, sinkhorn_iters=ITERS)
-    mhc_fx.backend.clear_reports()
+    mhc_backend.clear_reports()
     out = torch.compile(model, backend="mhc", fullgraph=True)(ids)
-    (report,) = mhc_fx.backend.reports()
+    (report,) = mhc_backend.reports()
     assert out.dtype == torch.bfloat16
     assert report.num_pre == report.num_post_res == 4 and not report.unfused, str(report)
     assert rel_err(out, model(ids)) <= 1e-2  # bf16 rounding of the streams, in other orders
@@ -253,13 +253,13 @@ def test_inference_graph_is_fused():
     ids = torch.randint(0, 96, (2, 8))
     model = mhc_fx.convert(TinyGPT(layers=1, dim=16, heads=2), (ids,), n=4, sinkhorn_iters=ITERS).eval()
     _randomize_connections(model)
-    mhc_fx.backend.clear_reports()
+    mhc_backend.clear_reports()
     before = runtime.launches.copy()
     with torch.no_grad():
-        out = torch.compile(model, backend=mhc_fx.backend.options(recompute=True), fullgraph=True)(ids)
+        out = torch.compile(model, backend=mhc_backend.options(recompute=True), fullgraph=True)(ids)
         ref = model(ids)
     launched = runtime.launches - before
-    (report,) = mhc_fx.backend.reports()
+    (report,) = mhc_backend.reports()
     assert report.recompute is None
     assert report.num_pre == report.num_post_res == 2 and not report.unfused, str(report)
     assert launched == {"mhc_pre_fwd": 1, "post_res_pre_fwd": 1, "post_res_fwd": 1}
@@ -269,8 +269,8 @@ def test_inference_graph_is_fused():
 def test_model_without_mhc_compiles_unchanged_and_says_so():
     gpt = TinyGPT(layers=1, dim=16, heads=2)
     ids = torch.randint(0, 96, (2, 8))
-    mhc_fx.backend.clear_reports()
+    mhc_backend.clear_reports()
     out = torch.compile(gpt, backend="mhc", fullgraph=True)(ids)
     assert rel_err(out, gpt(ids)) <= 1e-5
-    (report,) = mhc_fx.backend.reports()
+    (report,) = mhc_backend.reports()
     assert not report.fused and "no Sinkhorn chain in this graph" in str(report)

@@ -48,7 +48,7 @@ def test_inspect_local_hf_directory(tmp_path, capsys):
 def test_convert_saves_safetensors_and_config(tmp_path, capsys):
     from safetensors.torch import load_file
 
-    assert main(["convert", "mhc_fx.zoo:TinyGPT", "--n", "2", "--out", str(tmp_path)]) == 0
+    assert main(["convert", "mhc_fx.demo.zoo:TinyGPT", "--n", "2", "--out", str(tmp_path)]) == 0
     state = load_file(str(tmp_path / "model.safetensors"))
     assert "blocks.0.attn_mhc.phi" in state and state["blocks.0.attn_mhc.phi"].shape == (2 * 64, 8)
     meta = json.loads((tmp_path / "mhc_config.json").read_text())

@@ -22,7 +22,7 @@ def test_function_preserved(name, n, method):
     model = factory().eval()
     args, kwargs = example(2)
     converted = mhc_fx.convert(model, args, kwargs, n=n, method=method)
-    assert converted.report.num_blocks == residuals, str(converted.report)
+    assert mhc_fx.report(converted).num_blocks == residuals, str(mhc_fx.report(converted))
     converted.eval()
     args, kwargs = example(3)  # a batch size other than the example's
     with torch.no_grad():

@@ -4,7 +4,7 @@ import torch
 
 import mhc_fx
 from mhc_fx.diagnostics import backward_gain, composite, forward_gain, gradient_norms, mixing_stats
-from mhc_fx.zoo import TinyGPT
+from mhc_fx.demo.zoo import TinyGPT
 
 
 def test_gains_of_a_hand_made_chain():
@@ -45,7 +45,7 @@ def test_mhc_forward_gain_is_one_and_composite_bounded():
 def test_stats_match_the_connection_coefficients():
     model, ids = _trained("hc")
     stats = mixing_stats(model.eval(), ids)
-    conns = [model.get_submodule(b.module) for b in model.report.blocks]
+    conns = [model.get_submodule(b.module) for b in mhc_fx.report(model).blocks]
     captured = []
     hook = conns[0].register_forward_hook(lambda m, i, o: captured.append(o[2]))
     with torch.no_grad():
@@ -60,5 +60,5 @@ def test_gradient_norms_per_block():
     model, ids = _trained("mhc")
     model(ids).logsumexp(-1).mean().backward()
     norms = gradient_norms(model)
-    assert set(norms) >= {b.module for b in model.report.blocks} | {b.name for b in model.report.blocks}
+    assert set(norms) >= {b.module for b in mhc_fx.report(model).blocks} | {b.name for b in mhc_fx.report(model).blocks}
     assert all(v > 0 for v in norms.values())

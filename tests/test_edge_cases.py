@@ -129,7 +129,7 @@ def test_function_and_gradients(name):
     factory, make, blocks = CASES[name]
     model = factory().eval()
     converted = mhc_fx.convert(model, make(2, 5), n=2)
-    assert converted.report.num_blocks == blocks, str(converted.report)
+    assert mhc_fx.report(converted).num_blocks == blocks, str(mhc_fx.report(converted))
     args = make(3, 7)
     if name == "pad_mask":
         args = (args[0], _pad(3, 7, 4))  # real padding, unlike the example

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mhc_fx
-from mhc_fx.zoo import TinyGPT
+from mhc_fx.demo.zoo import TinyGPT
 
 from . import models
 
@@ -43,16 +43,9 @@ def test_convert_rejects_a_bad_override():
         mhc_fx.convert(TinyGPT(layers=1), (torch.randint(0, 96, (2, 8)),), n=-1)
 
 
-def test_untraceable_model_without_example_inputs():
-    with pytest.raises(mhc_fx.CaptureError, match=r"symbolic_trace failed.*pass example_inputs"):
-        mhc_fx.convert(models.DataDependent())
-
-
-def test_untraceable_model_with_example_inputs_lists_every_attempt():
-    with pytest.raises(mhc_fx.CaptureError) as info:
+def test_untraceable_model_is_a_capture_error_naming_the_cause():
+    with pytest.raises(mhc_fx.CaptureError, match=r"DataDependent in one graph.*Data-dependent.*Fix:"):
         mhc_fx.convert(models.DataDependent(), (torch.randn(2, 16),))
-    msg = str(info.value)
-    assert "torch.export (strict=False, dynamic shapes) failed" in msg and "symbolic_trace failed" in msg
 
 
 def test_already_converted():
@@ -66,6 +59,7 @@ def test_failed_conversion_leaves_the_model_untouched():
     model = models.NoResidual()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(mhc_fx.ConversionError):
-        mhc_fx.convert(model, (torch.randn(2, 16),), inplace=True)
+        mhc_fx.convert(model, (torch.randn(2, 16),))
     assert list(model.state_dict()) == list(before)
     assert not any(isinstance(m, mhc_fx.nn.Connection) for m in model.modules())
+    assert "forward" not in model.__dict__ and not mhc_fx.is_converted(model)

@@ -7,7 +7,7 @@ import torch
 import mhc_fx
 from mhc_fx.kernels import runtime
 from mhc_fx.nn import MHCConnection
-from mhc_fx.zoo import TinyGPT
+from mhc_fx.demo.zoo import TinyGPT
 
 from .conftest import rel_err
 from .models import TinyResNet
@@ -48,7 +48,7 @@ def test_fused_gpt_matches_reference_conversion_with_gradients():
     grads = dict(reference.named_parameters())
     for name, p in fused.named_parameters():
         assert rel_err(p.grad, grads[name].grad) <= 1e-5, name
-    blocks = len(fused.report.blocks)
+    blocks = len(mhc_fx.report(fused).blocks)
     assert blocks == 4
     assert launched["mhc_pre_fwd"] == launched["mhc_pre_bwd"] == launched["post_res_fwd"] == blocks
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mhc_fx  # noqa: F401  (registers torch.ops.mhc_fx)
-from mhc_fx.kernels import reference, runtime
+from mhc_fx.kernels import cpu_path as reference, runtime
 from mhc_fx.nn import functional as MF
 
 from .conftest import rel_err

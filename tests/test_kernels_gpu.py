@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import mhc_fx
-from mhc_fx.kernels import reference, runtime
+from mhc_fx.kernels import cpu_path as reference, runtime
 from mhc_fx.nn import functional as MF
-from mhc_fx.zoo import TinyGPT
+from mhc_fx.demo.zoo import TinyGPT
 
 from .conftest import rel_err
 from .test_kernels import check_op, mhc_layer, ops, post_res_pre_reference, pre_params, pre_reference

@@ -7,7 +7,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 import mhc_fx
-from mhc_fx.zoo import TinyGPT
+from mhc_fx.demo.zoo import TinyGPT
 
 from .conftest import rel_err
 from .real_models import REAL_MODELS

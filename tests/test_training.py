@@ -5,7 +5,7 @@ import torch
 
 import mhc_fx
 from mhc_fx.nn import Connection
-from mhc_fx.zoo import TinyGPT
+from mhc_fx.demo.zoo import TinyGPT
 
 from .conftest import rel_err
 
@@ -78,23 +78,10 @@ def test_state_dict_round_trip():
         assert torch.equal(fresh.eval()(ids), trained.eval()(ids))
 
 
-def test_parameters_are_shared_between_modes_and_listed_once():
+def test_parameters_are_listed_once():
     converted = mhc_fx.convert(TinyGPT(layers=1, dim=32), (_batch()[0],))
     names = [n for n, _ in converted.named_parameters()]
     assert len(names) == len(set(names)) == len(converted.state_dict())
-    with torch.no_grad():
-        converted.tok.weight.zero_()
-    train_w = converted.train_graph.get_parameter("tok.weight")
-    assert train_w is converted.eval_graph.get_parameter("tok.weight") is converted.tok.weight
-
-
-def test_copy_by_default_and_inplace_shares():
-    model = TinyGPT(layers=1, dim=32)
-    ids = _batch()[0]
-    copied = mhc_fx.convert(model, (ids,))
-    assert copied.tok.weight is not model.tok.weight
-    shared = mhc_fx.convert(model, (ids,), inplace=True)
-    assert shared.tok.weight is model.tok.weight
 
 
 def test_param_groups_keep_static_mixing_out_of_weight_decay():
@@ -107,20 +94,21 @@ def test_param_groups_keep_static_mixing_out_of_weight_decay():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(converted.parameters()))
 
 
-def test_inputs_not_captured_are_a_clear_error():
+def test_an_argument_forward_does_not_take_is_the_usual_type_error():
     converted = mhc_fx.convert(TinyGPT(layers=1), (_batch()[0],))
-    with pytest.raises(TypeError, match=r"captured with inputs \('ids',\); \['labels'\]"):
+    with pytest.raises(TypeError, match="labels"):
         converted(_batch()[0], labels=_batch()[1])
 
 
-def test_compiles_without_graph_breaks():
+def test_compiled_with_another_backend_runs_the_converted_function():
     ids = _batch()[0]
     converted = mhc_fx.convert(TinyGPT(layers=1, dim=32), (ids,))
-    compiled = torch.compile(converted, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(converted, backend="aot_eager")
     out = compiled(ids)
     out.square().mean().backward()
     assert torch.equal(out.detach(), converted(ids).detach())
     assert all(p.grad is not None for p in converted.parameters())
+    assert mhc_fx.report(converted).captures[-1].backend == "aot_eager"
 
 
 def test_bfloat16_model_stays_close_to_the_bfloat16_original():

@@ -116,6 +116,11 @@ def _check_convertible(model: nn.Module) -> None:
             f"{type(model).__name__} is already converted by mhc_fx; convert the original model instead "
             "(or load this one's weights into a fresh conversion)"
         )
+    if isinstance(model, fx.GraphModule):
+        raise ConversionError(
+            "mhc_fx converts the model itself, in place, and captures its calls again as they change; "
+            "a torch.fx GraphModule is one fixed trace: convert the module it was traced from"
+        )
     if hasattr(model, STREAMS_MODULE):
         raise ConversionError(
             f"{type(model).__name__} already has an attribute {STREAMS_MODULE!r}, where mhc_fx keeps the "

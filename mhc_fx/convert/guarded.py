@@ -170,6 +170,7 @@ class ConvertedForward:
 
     @torch.compiler.disable
     def __call__(self, *args, **kwargs):
+        self.__signature__.bind(*args, **kwargs)  # the TypeError forward itself would raise
         compiled = self._compiled_for(outer_backend(self.model))
         prepare_hf(self.model, kwargs)
         try:

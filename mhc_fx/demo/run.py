@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from ..convert import convert
+from ..convert import convert, is_converted, report
 from .data import VOCAB, CharBatches, encode, stdlib_text
 from ..diagnostics import BlockStats, mixing_stats
 from ..optim import param_groups
@@ -89,7 +89,7 @@ def _train(method: str, cfg: DemoSettings, train: CharBatches, val: CharBatches,
             for x, y in batches
         )
         stats = mixing_stats(net, batches[0][0].to(cfg.device)) if method != "residual" else []
-    result = RunResult(method, losses, val_loss, 1e3 * statistics.median(times), net.report.new_parameters, stats)
+    result = RunResult(method, losses, val_loss, 1e3 * statistics.median(times), report(net).new_parameters if is_converted(net) else 0, stats)
     return net, example, result
 
 
@@ -155,7 +155,7 @@ def run_demo(cfg: DemoSettings, console: Console | None = None) -> list[RunResul
         if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None:
             console.print("ONNX export skipped: pip install 'mhc_fx[onnx]'")
         else:
-            from .onnx import export_onnx
+            from ..export.onnx import export_onnx
 
             net, example = nets["mhc"]
             report = export_onnx(net.cpu(), (example,), cfg.out / "mhc.onnx")
