@@ -1,3 +1,4 @@
+import copy
 """Converted models whose connections run on the fused ops (``MHCConfig.fused_ops``) compute
 what the reference-math conversion computes, and launch the kernels (interpreted on CPU)."""
 
@@ -27,8 +28,8 @@ def _randomize_connections(model):
 
 
 def _pair(model, example, **config):
-    reference = mhc_fx.convert(model, example, n=4, sinkhorn_iters=ITERS, **config)
-    fused = mhc_fx.convert(model, example, n=4, sinkhorn_iters=ITERS, fused_ops=True, **config)
+    reference = mhc_fx.convert(copy.deepcopy(model), example, n=4, sinkhorn_iters=ITERS, **config)
+    fused = mhc_fx.convert(copy.deepcopy(model), example, n=4, sinkhorn_iters=ITERS, fused_ops=True, **config)
     _randomize_connections(reference)
     fused.load_state_dict(reference.state_dict())
     return reference, fused

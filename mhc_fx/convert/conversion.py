@@ -25,7 +25,7 @@ from ..config import MHCConfig
 from ..errors import CaptureError, ConfigError, ConversionError
 from ..nn.connections import Connection, HCConnection, MHCConnection, StreamExpand, StreamReduce
 from .capture import parameter_placeholders, prepare_hf, to_aten
-from .guarded import DYNAMO_SETTINGS, ConvertedForward, fresh_entry
+from .guarded import DYNAMO_SETTINGS, ConvertedForward, fresh_entry, no_fused_attention_layers
 from .plan import STREAMS_MODULE, Plan, make_plan
 from .report import BlockReport, ConversionReport
 from .residuals import Residual
@@ -151,7 +151,7 @@ def capture_once(model: nn.Module, args: tuple, kwargs: dict, feature_dim: int |
 
     compiled = torch.compile(fresh_entry(), backend=backend, fullgraph=True)
     try:
-        with torch.no_grad(), torch._dynamo.config.patch(**DYNAMO_SETTINGS):
+        with torch.no_grad(), torch._dynamo.config.patch(**DYNAMO_SETTINGS), no_fused_attention_layers():
             compiled(model, *args, **kwargs)
     except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

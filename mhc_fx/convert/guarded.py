@@ -18,13 +18,14 @@ backend ever sees the unconverted graph.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import itertools
 import sys
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -71,6 +72,18 @@ class CaptureRecord:
         shown = ", ".join(f"{k}={v}" for k, v in self.inputs.items())
         mode = ("train" if self.training else "eval") + ("" if self.grad else ", no_grad")
         return f"({shown}) {mode} [{self.backend}]: {self.reason}"
+
+
+@contextlib.contextmanager
+def no_fused_attention_layers() -> Iterator[None]:
+    """``nn.TransformerEncoderLayer``/``MultiheadAttention`` fastpath off: in eval/no_grad it runs
+    the whole layer as one fused op, which hides the residual adds from the capture."""
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
 
 
 def _reason(previous: CaptureRecord | None, new: CaptureRecord) -> str:
@@ -174,7 +187,7 @@ class ConvertedForward:
         compiled = self._compiled_for(outer_backend(self.model))
         prepare_hf(self.model, kwargs)
         try:
-            with torch._dynamo.config.patch(**DYNAMO_SETTINGS):
+            with torch._dynamo.config.patch(**DYNAMO_SETTINGS), no_fused_attention_layers():
                 return compiled(self.model, *args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as err:
             if isinstance(err.inner_exception, MHCError):

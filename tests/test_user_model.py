@@ -1,0 +1,207 @@
+"""A converted model stays the user's model: in place, same classes, hooks, casts, other shapes
+and flags re-captured, pickle/deepcopy, Hugging Face generate/save_pretrained/Trainer/PEFT, any
+torch.compile backend — and, off init, the n-stream function written out here from docs/math.md."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import mhc_fx
+from mhc_fx.nn import functional as MF
+
+from .conftest import rel_err
+
+
+class Stack(nn.Module):
+    """x_{k+1} = x_k + W2_k tanh(W1_k LN(x_k)), then a head."""
+
+    def __init__(self, dim=16, layers=3):
+        super().__init__()
+        self.norms = nn.ModuleList([nn.LayerNorm(dim) for _ in range(layers)])
+        self.ups = nn.ModuleList([nn.Linear(dim, 2 * dim) for _ in range(layers)])
+        self.downs = nn.ModuleList([nn.Linear(2 * dim, dim) for _ in range(layers)])
+        self.head = nn.Linear(dim, 5)
+
+    def branch(self, k, x):
+        return self.downs[k](torch.tanh(self.ups[k](self.norms[k](x))))
+
+    def forward(self, x):
+        for k in range(len(self.ups)):
+            x = x + self.branch(k, x)
+        return self.head(x)
+
+
+def _off_init(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "_mhc." in name or ".mhc." in name:
+                p.add_(0.3 * torch.randn_like(p))
+
+
+def _oracle(model, x, n):
+    """The n-stream forward from docs/math.md, in float64: expand, then per block the mHC
+    coefficients, h = H_pre·X, y = F(h), X = H_res·X + H_postᵀ·y; the mean at the end."""
+    ref = model  # a float64 copy of the converted model (its blocks' branches and connections)
+    X = x.double().unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1])
+    for k in range(len(ref.ups)):
+        conn = ref.ups[k]._mhc_conn  # set by the test below
+        H_pre, H_post, H_res = MF.mhc_coefficients(X, conn.phi, conn.alpha, conn.bias, sinkhorn_iters=conn.sinkhorn.iters, eps=conn.eps)
+        h = (H_pre.unsqueeze(-1) * X).sum(-2)
+        y = ref.branch(k, h)
+        X = (H_res @ X) + H_post.unsqueeze(-1) * y.unsqueeze(-2)
+    return ref.head(X.mean(-2))
+
+
+def test_off_init_matches_an_n_stream_loop_written_from_the_math():
+    model = Stack()
+    x = torch.randn(2, 5, 16)
+    mhc_fx.convert(model, (x,), n=4, sinkhorn_iters=7)
+    _off_init(model)
+    conns = [model.get_submodule(b.module) for b in mhc_fx.report(model).blocks]
+    assert len(conns) == 3
+    oracle_model = copy.deepcopy(model).double()
+    for k, conn in enumerate(oracle_model.get_submodule(b.module) for b in mhc_fx.report(model).blocks):
+        oracle_model.ups[k]._mhc_conn = conn
+    for shape in [(2, 5, 16), (1, 1, 16), (3, 7, 16)]:
+        x = torch.randn(shape)
+        out = model(x)
+        assert rel_err(out, _oracle(oracle_model, x, 4)) <= 1e-5, shape
+    # gradients against the float64 oracle
+    x = torch.randn(2, 5, 16)
+    model(x).square().sum().backward()
+    oracle_model.zero_grad()
+    _oracle(oracle_model, x, 4).square().sum().backward()
+    ref_grads = dict(oracle_model.named_parameters(remove_duplicate=False))
+    for name, p in model.named_parameters():
+        assert rel_err(p.grad, ref_grads[name].grad) <= 1e-4, name
+
+
+def test_in_place_same_classes_hooks_modes_and_casts():
+    model = Stack().eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(1, 1, 16)  # a length-1, batch-1 example: other sizes must re-capture
+    assert mhc_fx.convert(model, (x,)) is model and type(model) is Stack
+    assert [type(m) for m in model.ups] == [nn.Linear] * 3 and isinstance(model.norms, nn.ModuleList)
+    seen = []
+    model.downs[1].register_forward_hook(lambda m, a, o: seen.append(o.shape))
+    for shape in [(1, 6, 16), (4, 3, 16)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert rel_err(model(x), ref(x)) <= 1e-5, shape
+    assert seen == [(1, 6, 16), (4, 3, 16)]
+    x = torch.randn(2, 4, 16)
+    b, rb = copy.deepcopy(model).to(torch.bfloat16), copy.deepcopy(ref).to(torch.bfloat16)
+    assert rel_err(b(x.bfloat16()), rb(x.bfloat16())) <= 2e-2
+    d, rd = copy.deepcopy(model).double(), copy.deepcopy(ref).double()
+    assert rel_err(d(x.double()), rd(x.double())) <= 1e-10
+    reasons = [c.reason for c in mhc_fx.report(model).captures]
+    assert reasons[0] == "first call" and any("x float32[1, 1, 16] → float32[1, 6, 16]" in r for r in reasons)
+
+
+def test_pickle_and_deepcopy_round_trip():
+    model = Stack()
+    x = torch.randn(2, 5, 16)
+    mhc_fx.convert(model, (x,))
+    _off_init(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for other in (loaded, copy.deepcopy(model)):
+        assert other.forward.model is other and mhc_fx.is_converted(other)
+        assert torch.equal(other(x), model(x))
+
+
+def test_frozen_model_converts_the_same_blocks():
+    x = torch.randn(2, 5, 16)
+    trainable = mhc_fx.find_residuals(Stack(), (x,)).num_blocks
+    frozen = Stack().requires_grad_(False)
+    assert mhc_fx.find_residuals(frozen, (x,)).num_blocks == trainable == 3
+
+
+def test_default_torch_compile_off_init_equals_eager():
+    model = Stack()
+    x = torch.randn(2, 5, 16)
+    mhc_fx.convert(model, (x,))
+    _off_init(model)
+    eager = model(x)
+    compiled = torch.compile(model)(x)
+    assert rel_err(compiled, eager) <= 1e-5
+    assert mhc_fx.report(model).captures[-1].backend == "inductor"
+
+
+def test_a_call_whose_blocks_differ_from_the_plan_raises_naming_the_block():
+    class Optional(Stack):
+        def forward(self, x, skip_last=False):
+            for k in range(len(self.ups) - (1 if skip_last else 0)):
+                x = x + self.branch(k, x)
+            return self.head(x)
+
+    model = Optional()
+    x = torch.randn(2, 5, 16)
+    mhc_fx.convert(model, (x,))
+    with pytest.raises(mhc_fx.ConversionError, match=r"planned but not in this call's graph"):
+        model(x, skip_last=True)
+
+
+def _llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.slow
+def test_hf_generate_hidden_states_save_and_load(tmp_path):
+    model = _llama()
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 64, (2, 6))
+    mhc_fx.convert(model, example_kwargs={"input_ids": ids})
+    prompt = ids[:1, :3]
+    assert torch.equal(model.generate(prompt, max_new_tokens=5, do_sample=False),
+                       ref.generate(prompt, max_new_tokens=5, do_sample=False))
+    _off_init(model)
+    tokens = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    greedy = prompt
+    for _ in range(4):  # the same tokens as full forwards without a cache
+        nxt = model(input_ids=greedy, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        greedy = torch.cat([greedy, nxt], 1)
+    assert torch.equal(tokens, greedy)
+    model.save_pretrained(tmp_path)
+    loaded = mhc_fx.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        assert rel_err(loaded(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-6
+        out = model(input_ids=ids, output_hidden_states=True)
+    assert len(out.hidden_states) == 3
+
+
+@pytest.mark.slow
+def test_hf_trainer_with_default_arguments_and_peft_lora(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    model = _llama().train()
+    ids = torch.randint(0, 64, (2, 6))
+    mhc_fx.convert(model, example_kwargs={"input_ids": ids})
+    data = [{"input_ids": torch.randint(0, 64, (6,)), "labels": torch.randint(0, 64, (6,))} for _ in range(6)]
+    args = transformers.TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to=[])
+    before = model.model.layers[0].mlp_mhc.phi.detach().clone()
+    transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    assert not torch.equal(before, model.model.layers[0].mlp_mhc.phi)
+    lora = peft.get_peft_model(model, peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4))
+    lora(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in lora.named_parameters() if "lora_" in n}
+    assert grads and all(g is not None for g in grads.values())
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)  # lora_B starts at 0, so A's is 0
+
+
+@pytest.mark.slow
+def test_lora_then_convert_converts_every_block():
+    peft = pytest.importorskip("peft")
+    ids = torch.randint(0, 64, (2, 6))
+    plain = mhc_fx.find_residuals(_llama(), example_kwargs={"input_ids": ids}).num_blocks
+    lora = peft.get_peft_model(_llama(), peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4))
+    assert mhc_fx.find_residuals(lora.base_model.model, example_kwargs={"input_ids": ids}).num_blocks == plain == 4
