@@ -7,6 +7,7 @@ each at batch 1 and 8. Both files are exported by ``mhc_fx.export_onnx`` (verifi
 """
 
 import argparse
+import copy
 import pathlib
 import statistics
 import tempfile
@@ -59,7 +60,7 @@ def main() -> None:
     for name, model, make in _models():
         model.eval()
         kwargs = make(2)
-        converted = mhc_fx.convert(model, example_kwargs=kwargs, n=4)
+        converted = mhc_fx.convert(copy.deepcopy(model), example_kwargs=kwargs, n=4)
         files = {}
         for tag, m in (("original", model), ("mhc", converted)):
             files[tag] = out / f"{name.split()[0]}_{tag}.onnx"
