@@ -132,7 +132,7 @@ class NoResidual(nn.Module):
 
 
 class DataDependent(nn.Module):
-    """Python control flow on tensor values: neither torch.export nor symbolic_trace capture it."""
+    """Python control flow on tensor values: Dynamo cannot capture it in one graph."""
 
     def __init__(self, dim=16):
         super().__init__()

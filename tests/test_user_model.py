@@ -41,13 +41,12 @@ def _off_init(model):
                 p.add_(0.3 * torch.randn_like(p))
 
 
-def _oracle(model, x, n):
+def _oracle(ref, conns, x, n):
     """The n-stream forward from docs/math.md, in float64: expand, then per block the mHC
-    coefficients, h = H_pre·X, y = F(h), X = H_res·X + H_postᵀ·y; the mean at the end."""
-    ref = model  # a float64 copy of the converted model (its blocks' branches and connections)
+    coefficients, h = H_pre·X, y = F(h), X = H_res·X + H_postᵀ·y; the mean at the end.
+    ``ref``: a float64 copy of the converted model (its branches); ``conns``: its connections."""
     X = x.double().unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1])
-    for k in range(len(ref.ups)):
-        conn = ref.ups[k]._mhc_conn  # set by the test below
+    for k, conn in enumerate(conns):
         H_pre, H_post, H_res = MF.mhc_coefficients(X, conn.phi, conn.alpha, conn.bias, sinkhorn_iters=conn.sinkhorn.iters, eps=conn.eps)
         h = (H_pre.unsqueeze(-1) * X).sum(-2)
         y = ref.branch(k, h)
@@ -60,21 +59,19 @@ def test_off_init_matches_an_n_stream_loop_written_from_the_math():
     x = torch.randn(2, 5, 16)
     mhc_fx.convert(model, (x,), n=4, sinkhorn_iters=7)
     _off_init(model)
-    conns = [model.get_submodule(b.module) for b in mhc_fx.report(model).blocks]
-    assert len(conns) == 3
     oracle_model = copy.deepcopy(model).double()
-    for k, conn in enumerate(oracle_model.get_submodule(b.module) for b in mhc_fx.report(model).blocks):
-        oracle_model.ups[k]._mhc_conn = conn
+    conns = [oracle_model.get_submodule(b.module) for b in mhc_fx.report(model).blocks]
+    assert len(conns) == 3
     for shape in [(2, 5, 16), (1, 1, 16), (3, 7, 16)]:
         x = torch.randn(shape)
         out = model(x)
-        assert rel_err(out, _oracle(oracle_model, x, 4)) <= 1e-5, shape
+        assert rel_err(out, _oracle(oracle_model, conns, x, 4)) <= 1e-5, shape
     # gradients against the float64 oracle
     x = torch.randn(2, 5, 16)
     model(x).square().sum().backward()
     oracle_model.zero_grad()
-    _oracle(oracle_model, x, 4).square().sum().backward()
-    ref_grads = dict(oracle_model.named_parameters(remove_duplicate=False))
+    _oracle(oracle_model, conns, x, 4).square().sum().backward()
+    ref_grads = dict(oracle_model.named_parameters())
     for name, p in model.named_parameters():
         assert rel_err(p.grad, ref_grads[name].grad) <= 1e-4, name
 

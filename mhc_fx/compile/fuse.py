@@ -135,12 +135,11 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
 
 
 def _owner(nodes: Iterable[fx.Node]) -> str:
-    """The innermost module path of the first node that has one (a converted model's graph
-    attributes, ``train_graph.``/``eval_graph.``, left out: its modules' own paths remain)."""
+    """The innermost module path of the first node that has one."""
     for node in nodes:
         path = module_path(node)
         if path:
-            return path[-1].removeprefix("train_graph.").removeprefix("eval_graph.")
+            return path[-1]
     return ""
 
 

@@ -22,10 +22,10 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..config import MHCConfig
-from ..errors import CaptureError, ConfigError, ConversionError
+from ..errors import ConfigError, ConversionError
 from ..nn.connections import Connection, HCConnection, MHCConnection, StreamExpand, StreamReduce
 from .capture import parameter_placeholders, prepare_hf, to_aten
-from .guarded import DYNAMO_SETTINGS, ConvertedForward, fresh_entry, no_fused_attention_layers
+from .guarded import ConvertedForward, fresh_entry, run_captured
 from .plan import STREAMS_MODULE, Plan, make_plan
 from .report import BlockReport, ConversionReport
 from .residuals import Residual
@@ -36,15 +36,6 @@ PRESERVE_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
 PRESERVE_TOLERANCE_LOW_PRECISION = 5e-2
 #: the attribute of a Hugging Face config that holds the conversion (``save_pretrained`` writes it)
 HF_CONFIG_KEY = "mhc_fx"
-
-
-def _free_path(tree: nn.Module, path: str) -> str:
-    """``path`` or ``path_2``, ``path_3``... — the first name not taken in ``tree``."""
-    candidate, i = path, 1
-    while lookup(tree, candidate) is not None:
-        i += 1
-        candidate = f"{path}_{i}"
-    return candidate
 
 
 def _connection(config: MHCConfig, n_channels: int, stream_dim: int, index: int) -> Connection:
@@ -149,17 +140,8 @@ def capture_once(model: nn.Module, args: tuple, kwargs: dict, feature_dim: int |
         seen["analysis"] = analyse(aten, feature_dim, parameter_placeholders(aten, example_inputs))
         return gm.forward
 
-    compiled = torch.compile(fresh_entry(), backend=backend, fullgraph=True)
-    try:
-        with torch.no_grad(), torch._dynamo.config.patch(**DYNAMO_SETTINGS), no_fused_attention_layers():
-            compiled(model, *args, **kwargs)
-    except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CaptureError(
-            f"could not capture {type(model).__name__} in one graph with Dynamo: {first}. Fix: make the "
-            "failing code traceable (e.g. no data-dependent Python control flow) or pass example inputs "
-            "whose code path traces"
-        ) from err
+    with torch.no_grad():
+        run_captured(torch.compile(fresh_entry(), backend=backend, fullgraph=True), model, args, kwargs)
     return seen["analysis"]
 
 

@@ -1,8 +1,9 @@
-"""What an fx node computes, for both graph levels mhc_fx captures.
+"""What an fx node computes, in the ATen graphs mhc_fx analyses.
 
-``torch.export`` graphs hold ATen ops (``aten.add.Tensor``, ``aten.linear.default``);
-``symbolic_trace`` graphs hold torch-level calls (``operator.add``, ``call_module`` of an
-``nn.Linear``). The passes ask the questions below and never look at targets themselves.
+Both captures give ATen ops (``aten.add.Tensor``, ``aten.linear.default``): Dynamo's graph traced
+by ``make_fx`` (pre-dispatch), and ``torch.export`` for ONNX; Python operators appear only on
+sizes (``operator.add`` of two SymInts). The passes ask the questions below and never look at
+targets themselves.
 """
 
 from __future__ import annotations
@@ -12,12 +13,10 @@ import operator
 import networkx as nx
 import torch
 import torch.fx as fx
-from torch import nn
 
 aten = torch.ops.aten
 
-ADD_TARGETS = {aten.add.Tensor, aten.add_.Tensor, operator.add, operator.iadd, torch.add}
-ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
+ADD_TARGETS = {aten.add.Tensor, aten.add_.Tensor, operator.add, operator.iadd}
 
 #: matmul/convolution family: an op of this kind with a parameter operand carries weights.
 WEIGHTED_ATEN = {
@@ -26,21 +25,13 @@ WEIGHTED_ATEN = {
     aten.conv3d.default, aten.convolution.default, aten.conv_transpose1d.default,
     aten.conv_transpose2d.input, aten.conv_transpose3d.input, aten._convolution.default,
 }
-WEIGHTED_TORCH = {
-    torch.nn.functional.linear, torch.matmul, operator.matmul, torch.mm, torch.bmm, torch.addmm,
-    torch.einsum, torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
-}
 CONV_ATEN = {
     aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
     aten._convolution.default, aten.conv_transpose1d.default, aten.conv_transpose2d.input,
     aten.conv_transpose3d.input,
 }
-CONV_TORCH = {torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d}
-WEIGHTED_MODULES = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.MultiheadAttention)
-
 #: ops that return their input unchanged (value-wise); dropout only when inactive.
 PASSTHROUGH_ATEN = {aten.alias.default, aten.clone.default, aten.contiguous.default, aten.lift_fresh_copy.default}
-PASSTHROUGH_METHODS = {"contiguous", "clone"}
 
 #: elementwise ops on one stream-carrying tensor: applying them to n streams = to each stream.
 UNARY_ATEN = {
@@ -49,22 +40,10 @@ UNARY_ATEN = {
     aten.hardtanh.default, aten.hardtanh_.default, aten.leaky_relu.default, aten.elu.default,
     aten.mish.default, aten.dropout.default, aten.to.dtype, aten._to_copy.default,
 } | PASSTHROUGH_ATEN
-UNARY_TORCH = {
-    torch.relu, torch.nn.functional.relu, torch.nn.functional.gelu, torch.nn.functional.silu,
-    torch.sigmoid, torch.tanh, torch.nn.functional.dropout, torch.nn.functional.leaky_relu,
-}
-UNARY_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "to", "type_as"}
-UNARY_MODULES = (
-    nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish,
-    nn.Dropout, nn.Identity,
-)
 #: binary elementwise ops whose other operand (a scalar, or a small non-stream tensor such as a
 #: layer-scale γ) broadcasts over the stream axis.
 BINARY_ATEN = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
-BINARY_TORCH = {operator.mul, operator.truediv, torch.mul, torch.div}
 NORM_ATEN = {aten.layer_norm.default, aten.rms_norm.default}
-NORM_TORCH = {torch.nn.functional.layer_norm, torch.nn.functional.rms_norm}
-NORM_MODULES = (nn.LayerNorm, nn.RMSNorm)
 
 
 def dataflow_graph(graph: fx.Graph) -> nx.DiGraph:
@@ -75,11 +54,6 @@ def dataflow_graph(graph: fx.Graph) -> nx.DiGraph:
         for src in node.all_input_nodes:
             g.add_edge(src, node)
     return g
-
-
-def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """The submodule a ``call_module`` node calls, else None."""
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
 def tensor_meta(node: object) -> torch.Tensor | None:
@@ -96,9 +70,7 @@ def tensor_meta(node: object) -> torch.Tensor | None:
 
 def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     """``(lhs, rhs)`` if ``node`` adds two graph tensors with alpha 1, else None."""
-    is_add = (node.op == "call_function" and node.target in ADD_TARGETS) or (
-        node.op == "call_method" and node.target in ADD_METHODS
-    )
+    is_add = node.op == "call_function" and node.target in ADD_TARGETS
     if not is_add or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
         return None
     lhs, rhs = node.args
@@ -123,8 +95,6 @@ def passthrough_input(node: fx.Node) -> fx.Node | None:
         if node.target is aten.dropout.default:
             p, train = node.args[1], node.args[2]
             return src if (not train or p == 0) else None
-    if node.op == "call_method" and node.target in PASSTHROUGH_METHODS:
-        return src
     return None
 
 
@@ -157,24 +127,20 @@ def parameter_nodes(gm: fx.GraphModule, inputs: set[fx.Node] = frozenset()) -> s
     return out
 
 
-def is_weighted(gm: fx.GraphModule, node: fx.Node, params: set[fx.Node]) -> bool:
-    """Whether ``node`` applies trainable weights to an activation (linear, conv, matmul with a
-    parameter operand, or a call to such a module)."""
-    if node.op == "call_module":
-        return isinstance(module_of(gm, node), WEIGHTED_MODULES)
-    if node.op != "call_function" or node.target not in WEIGHTED_ATEN | WEIGHTED_TORCH:
+def is_weighted(node: fx.Node, params: set[fx.Node]) -> bool:
+    """Whether ``node`` applies weights to an activation (linear, conv, matmul with a parameter
+    operand)."""
+    if node.op != "call_function" or node.target not in WEIGHTED_ATEN:
         return False
     inputs = node.all_input_nodes
     return any(n in params for n in inputs) and any(n not in params for n in inputs)
 
 
-def is_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(module_of(gm, node), nn.modules.conv._ConvNd)
-    return node.op == "call_function" and node.target in CONV_ATEN | CONV_TORCH
+def is_conv(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in CONV_ATEN
 
 
-def stream_wise_input(gm: fx.GraphModule, node: fx.Node, feature_dim: int) -> fx.Node | None:
+def stream_wise_input(node: fx.Node, feature_dim: int) -> fx.Node | None:
     """If ``node`` maps its first input elementwise per stream, the input; else None.
 
     Such an op can be applied to an n-stream tensor (stream axis right before the feature
@@ -186,25 +152,14 @@ def stream_wise_input(gm: fx.GraphModule, node: fx.Node, feature_dim: int) -> fx
         return None
     src = node.args[0]
     others = [n for n in node.all_input_nodes if n is not src]
-    if node.op == "call_module":
-        mod = module_of(gm, node)
-        if isinstance(mod, UNARY_MODULES) and len(node.args) == 1:
-            return src
-        if isinstance(mod, NORM_MODULES) and len(mod.normalized_shape) == 1 and feature_dim == -1:
-            return src
-        return None
-    if node.op == "call_method":
-        if node.target in UNARY_METHODS and not any(isinstance(a, fx.Node) for a in node.args[1:]):
-            return src
-        return None
     if node.op != "call_function":
         return None
-    if node.target in UNARY_ATEN | UNARY_TORCH and not others:
+    if node.target in UNARY_ATEN and not others:
         return src
-    if node.target in NORM_ATEN | NORM_TORCH:
+    if node.target in NORM_ATEN:
         shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
         return src if feature_dim == -1 and shape is not None and len(shape) == 1 else None
-    if node.target in BINARY_ATEN | BINARY_TORCH and len(others) <= 1:
+    if node.target in BINARY_ATEN and len(others) <= 1:
         x = tensor_meta(src)
         if not others:
             return src

@@ -58,15 +58,15 @@ class CaptureRecord:
 
     Attributes:
         inputs: the call's inputs (``{"input_ids": "int64[1, 6]"}``); training, grad: the
-        model's mode and whether gradients were enabled; reason: why it was captured (the first
-        call, or what differed from the previous capture); backend: what runs it.
+        model's mode and whether gradients were enabled; backend: what runs it; reason: why it
+        was captured (the first call, or what differed from the previous capture).
     """
 
     inputs: dict[str, str]
     training: bool
     grad: bool
-    reason: str
     backend: str
+    reason: str
 
     def __str__(self) -> str:
         shown = ", ".join(f"{k}={v}" for k, v in self.inputs.items())
@@ -86,19 +86,37 @@ def no_fused_attention_layers() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(was)
 
 
-def _reason(previous: CaptureRecord | None, new: CaptureRecord) -> str:
+def run_captured(compiled: Callable, model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Call ``compiled`` (a :func:`fresh_entry` under ``torch.compile``) on ``model`` with the
+    settings every capture needs; Dynamo's failures become mhc_fx errors in the user's terms."""
+    try:
+        with torch._dynamo.config.patch(**DYNAMO_SETTINGS), no_fused_attention_layers():
+            return compiled(model, *args, **kwargs)
+    except torch._dynamo.exc.BackendCompilerFailed as err:
+        if isinstance(err.inner_exception, MHCError):
+            raise err.inner_exception.with_traceback(None) from None
+        raise
+    except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CaptureError(
+            f"could not capture {type(model).__name__} in one graph with Dynamo ({first}); mhc_fx runs only "
+            "what Dynamo captures whole. Fix: make that code traceable (no data-dependent Python control "
+            "flow, no unsupported calls), or call the model with inputs and flags whose code path traces"
+        ) from err
+
+
+def _reason(previous: CaptureRecord | None, inputs: dict[str, str], training: bool, grad: bool, backend: str) -> str:
+    """Why a capture happened: the first call, or what differs from the previous capture."""
     if previous is None:
         return "first call"
-    changed = [
-        f"{k} {previous.inputs.get(k, 'absent')} → {v}" for k, v in new.inputs.items() if previous.inputs.get(k) != v
-    ]
-    changed += [f"{k} now absent" for k in previous.inputs if k not in new.inputs]
-    if previous.training != new.training:
-        changed.append("train mode" if new.training else "eval mode")
-    if previous.grad != new.grad:
-        changed.append("grad enabled" if new.grad else "no_grad")
-    if previous.backend != new.backend:
-        changed.append(f"backend {new.backend}")
+    changed = [f"{k} {previous.inputs.get(k, 'absent')} → {v}" for k, v in inputs.items() if previous.inputs.get(k) != v]
+    changed += [f"{k} now absent" for k in previous.inputs if k not in inputs]
+    if previous.training != training:
+        changed.append("train mode" if training else "eval mode")
+    if previous.grad != grad:
+        changed.append("grad enabled" if grad else "no_grad")
+    if previous.backend != backend:
+        changed.append(f"backend {backend}")
     return "; ".join(changed) or "a guard of the previous capture failed (a module attribute, hook or global)"
 
 
@@ -166,11 +184,9 @@ class ConvertedForward:
         """Dynamo's backend for one capture: rewrite it, then run it eagerly or hand it to the
         outer ``torch.compile``'s backend."""
         inputs = describe_inputs(gm, example_inputs, list(self.__signature__.parameters))
-        name = "eager" if backend is None else _backend_name(backend)
-        record = CaptureRecord(inputs, self.model.training, torch.is_grad_enabled(), "", name)
-        record = dataclasses.replace(
-            record, reason=_reason(self.report.captures[-1] if self.report.captures else None, record)
-        )
+        mode = (self.model.training, torch.is_grad_enabled(), "eager" if backend is None else _backend_name(backend))
+        previous = self.report.captures[-1] if self.report.captures else None
+        record = CaptureRecord(inputs, *mode, reason=_reason(previous, inputs, *mode))
         aten, _ = to_aten(gm, example_inputs)
         a = analyse(aten, self.config.feature_dim, parameter_placeholders(aten, example_inputs))
         rewrite_graph(aten, a, self.plan, self.model, f"{type(self.model).__name__} called with {record}")
@@ -184,23 +200,8 @@ class ConvertedForward:
     @torch.compiler.disable
     def __call__(self, *args, **kwargs):
         self.__signature__.bind(*args, **kwargs)  # the TypeError forward itself would raise
-        compiled = self._compiled_for(outer_backend(self.model))
         prepare_hf(self.model, kwargs)
-        try:
-            with torch._dynamo.config.patch(**DYNAMO_SETTINGS), no_fused_attention_layers():
-                return compiled(self.model, *args, **kwargs)
-        except torch._dynamo.exc.BackendCompilerFailed as err:
-            if isinstance(err.inner_exception, MHCError):
-                raise err.inner_exception.with_traceback(None) from None
-            raise
-        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CaptureError(
-                f"{type(self.model).__name__}: Dynamo could not capture this call in one graph ({first}); "
-                "the converted model runs only what Dynamo captures whole. Make that code traceable "
-                "(no data-dependent Python control flow, no unsupported calls), or call the model with "
-                "inputs and flags whose code path traces"
-            ) from err
+        return run_captured(self._compiled_for(outer_backend(self.model)), self.model, args, kwargs)
 
     def __repr__(self) -> str:
         return f"<mhc_fx converted forward of {type(self.model).__name__}: {len(self.plan.blocks)} blocks>"

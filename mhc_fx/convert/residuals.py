@@ -2,8 +2,9 @@
 
 An add of ``a`` and ``b`` is a residual when both are tensors of equal shape and dtype and ``a``
 (after view-like no-ops: alias, clone, same-dtype ``to``, inactive dropout) is a strict ancestor
-of ``b`` through a path that holds an op with trainable weights (linear, conv, matmul with a
-parameter). Every other add of two tensors is reported with the reason it was left alone.
+of ``b`` through a path that holds an op with weights (a linear, conv or matmul with a
+parameter, trainable or frozen). Every other add of two tensors is reported with the reason it
+was left alone.
 The graph analysis uses networkx.
 """
 
@@ -122,14 +123,14 @@ def _static(size) -> int | None:
     return size if isinstance(size, int) else None
 
 
-def _feature_dim(gm: fx.GraphModule, skip: fx.Node, first_weighted: fx.Node, params: set[fx.Node]) -> int:
+def _feature_dim(skip: fx.Node, first_weighted: fx.Node, params: set[fx.Node]) -> int:
     """The feature axis of a residual stream: 1 (channel-first) or -1 (feature-last).
 
     The axis whose static size is one of the first weighted op's weight dims (its input
     features or channels) wins; when both or neither match (or no shapes were recorded), a
     convolution means channel-first and anything else feature-last.
     """
-    guess = 1 if ops.is_conv(gm, first_weighted) else -1
+    guess = 1 if ops.is_conv(first_weighted) else -1
     meta = ops.tensor_meta(skip)
     weights = [ops.tensor_meta(n) for n in first_weighted.all_input_nodes if n in params]
     weight_dims = {_static(d) for w in weights if w is not None for d in w.shape}
@@ -139,19 +140,16 @@ def _feature_dim(gm: fx.GraphModule, skip: fx.Node, first_weighted: fx.Node, par
     return matches[0] if len(matches) == 1 else guess
 
 
-def _channels(gm: fx.GraphModule, operands: tuple[fx.Node, fx.Node], first_weighted: fx.Node, feature_dim: int) -> int | None:
-    """C: the static feature size of the residual (from either operand's recorded shape, or
-    from the first weighted module when no shapes were recorded)."""
+def _channels(operands: tuple[fx.Node, fx.Node], feature_dim: int) -> int | None:
+    """C: the static feature size of the residual (from either operand's recorded shape); None
+    when it is dynamic or unrecorded."""
     for node in operands:
         meta = ops.tensor_meta(node)
         if meta is not None:
             c = _static(meta.shape[feature_dim])
             if c is not None:
                 return c
-    if any(ops.tensor_meta(n) is not None for n in operands):
-        return None  # the feature size is dynamic
-    mod = ops.module_of(gm, first_weighted)
-    return getattr(mod, "in_features", None) or getattr(mod, "in_channels", None) or getattr(mod, "embed_dim", None)
+    return None
 
 
 def _same_tensor_type(a: fx.Node, b: fx.Node) -> str | None:
@@ -178,7 +176,7 @@ def find_residual_adds(
     """
     g = ops.dataflow_graph(gm.graph)
     params = ops.parameter_nodes(gm, param_inputs)
-    weighted = {n for n in gm.graph.nodes if ops.is_weighted(gm, n, params)}
+    weighted = {n for n in gm.graph.nodes if ops.is_weighted(n, params)}
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     mutated = mutated_values(gm)
@@ -217,12 +215,15 @@ def find_residual_adds(
             continue
         branch_weights = sorted(branch & weighted, key=order.__getitem__)
         if not branch_weights:
-            skip("no trainable weights between the operands (e.g. x + g(x) inside an activation)")
+            skip("no weights between the operands (e.g. x + g(x) inside an activation)")
             continue
-        fdim = feature_dim if feature_dim is not None else _feature_dim(gm, skip_node, branch_weights[0], params)
-        channels = _channels(gm, (branch_out, skip_node), branch_weights[0], fdim)
+        fdim = feature_dim if feature_dim is not None else _feature_dim(skip_node, branch_weights[0], params)
+        channels = _channels((branch_out, skip_node), fdim)
         if not channels:
-            skip("the feature size is unknown or dynamic: pass example_inputs (or set feature_dim)")
+            skip(
+                "the feature size is dynamic in this capture (a stream needs a fixed width C; if the wrong "
+                "axis was taken as the feature axis, set MHCConfig.feature_dim)"
+            )
             continue
         found.append(
             Residual(node, skip_node, branch_out, branch, owner, _child_of(owner, branch_weights), fdim, channels)

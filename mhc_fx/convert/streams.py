@@ -37,7 +37,7 @@ class Stream:
         return -2 if self.feature_dim == -1 else self.feature_dim
 
 
-def _link(gm: fx.GraphModule, start: fx.Node, skips: dict[fx.Node, Residual], feature_dim: int, mutated: set[fx.Node]):
+def _link(start: fx.Node, skips: dict[fx.Node, Residual], feature_dim: int, mutated: set[fx.Node]):
     """Follow stream-wise ops from ``start`` to the skip input of another block (never through a
     value modified in place)."""
     if start in mutated:  # later readers see the modified value: the stream ends here
@@ -48,7 +48,7 @@ def _link(gm: fx.GraphModule, start: fx.Node, skips: dict[fx.Node, Residual], fe
     while frontier:
         node, path = frontier.pop(0)
         for user in node.users:
-            if ops.stream_wise_input(gm, user, feature_dim) is not node or user in mutated:
+            if ops.stream_wise_input(user, feature_dim) is not node or user in mutated:
                 continue
             if user in skips:
                 return skips[user], path + [user]
@@ -68,7 +68,7 @@ def group_streams(gm: fx.GraphModule, residuals: list[Residual]) -> list[Stream]
     nxt: dict[Residual, tuple[Residual, list[fx.Node]]] = {}
     has_prev: set[Residual] = set()
     for res in residuals:
-        succ, path = _link(gm, res.add, skips, res.feature_dim, mutated)
+        succ, path = _link(res.add, skips, res.feature_dim, mutated)
         if succ is None or succ in has_prev or succ.feature_dim != res.feature_dim or succ.channels != res.channels:
             continue
         nxt[res] = (succ, path)
