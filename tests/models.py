@@ -1,6 +1,7 @@
 """Hand-built models, one per residual shape the conversion must handle."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -142,3 +143,83 @@ class DataDependent(nn.Module):
         if x.sum() > 0:
             return x + self.f(x)
         return x - self.f(x)
+
+
+class PaperStyleMHC(nn.Module):
+    """An mHC residual block written from the paper, without mhc_fx: a Linear-style projection
+    weight ``[n²+2n, nC]`` applied after an rsqrt RMS norm, three scalar gates, one bias sliced
+    three ways, einsum mixes and a Python Sinkhorn loop.
+
+    Variants (each a different function, or a different gradient, from mhc_fx's op unless said):
+    ``iters`` Sinkhorn iterations (any count is the op's function); ``log_domain`` spells the
+    loop with ``logsumexp`` (the same function); ``rows_first`` normalises rows first;
+    ``stop`` puts a stop-gradient in: ``"sinkhorn"`` detaches H_res, ``"h_pre"`` detaches H_pre,
+    ``"rms"`` computes the RMS statistic from a detached X, ``"data"`` reads it from ``X.data``,
+    ``"no_grad"`` computes it under ``torch.no_grad()``.
+    """
+
+    def __init__(self, dim: int, n: int, rows_first: bool = False, iters: int = 10, stop: str | None = None,
+                 log_domain: bool = False) -> None:
+        super().__init__()
+        self.n, self.rows_first, self.iters, self.stop, self.log_domain = n, rows_first, iters, stop, log_domain
+        k = n * n + 2 * n
+        self.weight = nn.Parameter(torch.randn(k, n * dim) * 0.1)
+        self.bias = nn.Parameter(torch.randn(k) * 0.3)
+        self.gate_pre, self.gate_post, self.gate_res = (nn.Parameter(torch.tensor(v)) for v in (0.8, 0.6, 1.1))
+        self.branch = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def _mean_square(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.stop == "rms":
+            flat = flat.detach()
+        elif self.stop == "data":
+            flat = flat.data
+        elif self.stop == "no_grad":
+            with torch.no_grad():
+                return (flat * flat).mean(-1, keepdim=True)
+        return (flat * flat).mean(-1, keepdim=True)
+
+    def _sinkhorn(self, logits: torch.Tensor) -> torch.Tensor:
+        axes = (3, 2) if self.rows_first else (2, 3)
+        if self.log_domain:
+            for _ in range(self.iters):
+                logits = logits - torch.logsumexp(logits, dim=axes[0], keepdim=True)
+                logits = logits - torch.logsumexp(logits, dim=axes[1], keepdim=True)
+            return logits.exp()
+        M = logits.exp()
+        for _ in range(self.iters):
+            M = M / torch.sum(M, dim=axes[0], keepdim=True)
+            M = M / torch.sum(M, dim=axes[1], keepdim=True)
+        return M
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:  # X [B, T, n, C]
+        B, T, n, C = X.shape
+        flat = X.reshape(B, T, n * C)
+        logits = F.linear(flat * torch.rsqrt(self._mean_square(flat) + 1e-6), self.weight)
+        b = self.bias
+        H_pre = torch.sigmoid(self.gate_pre * logits[..., :n] + b[:n])
+        H_post = 2 * torch.sigmoid(self.gate_post * logits[..., n : 2 * n] + b[n : 2 * n])
+        M = self._sinkhorn((self.gate_res * logits[..., 2 * n :] + b[2 * n :]).view(B, T, n, n))
+        if self.stop == "sinkhorn":
+            M = M.detach()
+        if self.stop == "h_pre":
+            H_pre = H_pre.detach()
+        y = self.branch(torch.einsum("btn,btnc->btc", H_pre, X))
+        return torch.einsum("btij,btjc->btic", M, X) + H_post.unsqueeze(-1) * y.unsqueeze(-2)
+
+
+class PaperStyleNet(nn.Module):
+    """An embedding, then ``PaperStyleMHC`` blocks (``variants``: their keyword arguments;
+    default: two plain blocks and one that normalises rows first), then the streams flattened."""
+
+    def __init__(self, dim: int = 24, n: int = 4, variants: list[dict] | None = None) -> None:
+        super().__init__()
+        self.n = n
+        self.embed = nn.Linear(dim, dim)
+        variants = variants if variants is not None else [{}, {}, {"rows_first": True}]
+        self.blocks = nn.ModuleList([PaperStyleMHC(dim, n, **v) for v in variants])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        X = self.embed(x).unsqueeze(-2).expand(-1, -1, self.n, -1)
+        for block in self.blocks:
+            X = block(X)
+        return X.flatten(-2)

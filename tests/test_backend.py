@@ -19,6 +19,7 @@ from mhc_fx.memory import saved_bytes
 from mhc_fx.demo.zoo import TinyGPT
 
 from .conftest import float_leaves, rel_err
+from .models import PaperStyleNet
 from .real_models import REAL_MODELS
 from .test_fused_modules import ITERS, _randomize_connections
 from .test_kernels import needs_kernels
@@ -104,51 +105,6 @@ def test_converted_real_model_is_fused_and_matches_eager(name):
     assert launched["mhc_pre_fwd"] + launched["post_res_pre_fwd"] == blocks
     assert launched["post_res_fwd"] == 1  # the last block's mixing; the others ran merged
     assert launched["mhc_pre_bwd"] == launched["post_res_bwd"] == blocks
-
-
-class PaperStyleMHC(nn.Module):
-    """An mHC residual block written from the paper, without mhc_fx: a Linear-style projection
-    weight ``[n²+2n, nC]`` applied after an rsqrt RMS norm, three scalar gates, one bias sliced
-    three ways, einsum mixes and a Python Sinkhorn loop of 10 iterations (``rows_first`` makes
-    it a different function: the row/column order mhc_fx's op does not compute)."""
-
-    def __init__(self, dim: int, n: int, rows_first: bool = False) -> None:
-        super().__init__()
-        self.n, self.rows_first = n, rows_first
-        k = n * n + 2 * n
-        self.weight = nn.Parameter(torch.randn(k, n * dim) * 0.1)
-        self.bias = nn.Parameter(torch.randn(k) * 0.3)
-        self.gate_pre, self.gate_post, self.gate_res = (nn.Parameter(torch.tensor(v)) for v in (0.8, 0.6, 1.1))
-        self.branch = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-
-    def forward(self, X: torch.Tensor) -> torch.Tensor:  # X [B, T, n, C]
-        B, T, n, C = X.shape
-        flat = X.reshape(B, T, n * C)
-        logits = F.linear(flat * torch.rsqrt((flat * flat).mean(-1, keepdim=True) + 1e-6), self.weight)
-        b = self.bias
-        H_pre = torch.sigmoid(self.gate_pre * logits[..., :n] + b[:n])
-        H_post = 2 * torch.sigmoid(self.gate_post * logits[..., n : 2 * n] + b[n : 2 * n])
-        M = (self.gate_res * logits[..., 2 * n :] + b[2 * n :]).view(B, T, n, n).exp()
-        axes = (3, 2) if self.rows_first else (2, 3)
-        for _ in range(10):
-            M = M / torch.sum(M, dim=axes[0], keepdim=True)
-            M = M / torch.sum(M, dim=axes[1], keepdim=True)
-        y = self.branch(torch.einsum("btn,btnc->btc", H_pre, X))
-        return torch.einsum("btij,btjc->btic", M, X) + H_post.unsqueeze(-1) * y.unsqueeze(-2)
-
-
-class PaperStyleNet(nn.Module):
-    def __init__(self, dim: int = 24, n: int = 4) -> None:
-        super().__init__()
-        self.n = n
-        self.embed = nn.Linear(dim, dim)
-        self.blocks = nn.ModuleList([PaperStyleMHC(dim, n), PaperStyleMHC(dim, n), PaperStyleMHC(dim, n, rows_first=True)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        X = self.embed(x).unsqueeze(-2).expand(-1, -1, self.n, -1)
-        for block in self.blocks:
-            X = block(X)
-        return X.flatten(-2)
 
 
 @needs_kernels

@@ -36,23 +36,32 @@ def leaves(*ts):
     return [t.detach().clone().requires_grad_() for t in ts]
 
 
-def check_op(op, reference_fn, inputs, extra, dtype):
-    """Outputs and input gradients of ``op`` vs ``reference_fn`` on float64 copies."""
+def _outputs_and_grads(fn, inputs, extra, cotangents=None):
     ins = leaves(*inputs)
-    with runtime.poisoned_outputs():
-        outs = op(*ins, *extra)
-        outs = outs if isinstance(outs, tuple) else (outs,)
+    outs = fn(*ins, *extra)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    if cotangents is None:
         cotangents = [torch.randn_like(o) for o in outs]
-        grads = torch.autograd.grad(outs, ins, cotangents)
-    refs_in = leaves(*(t.double() for t in inputs))
-    refs = reference_fn(*refs_in, *extra)
-    refs = refs if isinstance(refs, tuple) else (refs,)
-    ref_grads = torch.autograd.grad(refs, refs_in, [c.double() for c in cotangents])
-    for k, (o, r) in enumerate(zip(outs, refs)):
-        assert not o.isnan().any(), f"output {k} has unwritten (poisoned) elements"
-        assert rel_err(o, r) <= TOL[dtype], f"output {k}: {rel_err(o, r):.2e}"
-    for k, (g, r) in enumerate(zip(grads, ref_grads)):
-        assert rel_err(g, r) <= TOL[dtype], f"gradient of input {k}: {rel_err(g, r):.2e}"
+    grads = torch.autograd.grad(outs, ins, [c.to(o.dtype) for c, o in zip(cotangents, outs)])
+    return outs, grads, cotangents
+
+
+def check_op(op, reference_fn, inputs, extra, dtype):
+    """Outputs and input gradients of ``op`` vs ``reference_fn`` on float64 copies, within
+    ``TOL[dtype]`` or, for float32, 4× the float32 reference's own error if that is larger
+    (a sum over tokens such as dα carries fp32 rounding whoever computes it)."""
+    with runtime.poisoned_outputs():
+        outs, grads, cotangents = _outputs_and_grads(op, inputs, extra)
+    refs, ref_grads, _ = _outputs_and_grads(reference_fn, [t.double() for t in inputs], extra, cotangents)
+    own = None
+    if dtype == torch.float32:
+        own_outs, own_grads, _ = _outputs_and_grads(reference_fn, inputs, extra, cotangents)
+        own = [rel_err(a, b) for a, b in zip(own_outs + own_grads, refs + ref_grads)]
+    for k, (o, r) in enumerate(zip(outs + grads, refs + ref_grads)):
+        what = f"output {k}" if k < len(outs) else f"gradient of input {k - len(outs)}"
+        bound = max(TOL[dtype], 4 * own[k]) if own else TOL[dtype]
+        assert not o.isnan().any(), f"{what} has unwritten (poisoned) elements"
+        assert rel_err(o, r) <= bound, f"{what}: {rel_err(o, r):.2e} > {bound:.2e}"
 
 
 SHAPES = [(n, C) for n in (1, 2, 4, 8) for C in (32, 96, 100)]

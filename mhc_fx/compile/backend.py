@@ -36,7 +36,8 @@ from torch._inductor.compile_fx import compile_fx
 from ..convert.capture import to_aten
 from ..errors import ConfigError
 from ..kernels import runtime  # importing mhc_fx.kernels registers torch.ops.mhc_fx
-from .fuse import FusionReport, fuse_mhc
+from .fuse import fuse_mhc
+from .report import FusionReport
 from .recompute import SelectiveRecompute
 
 log = logging.getLogger(__name__)

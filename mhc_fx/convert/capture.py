@@ -72,7 +72,7 @@ def to_aten(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, C
     fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
 
     def run(*args):
-        return fx.Interpreter(gm).run(*args)
+        return _GradientAwareInterpreter(gm).run(*args)
 
     with torch.fx.traceback.preserve_node_meta(), fake_mode:
         aten_gm = make_fx(run, pre_dispatch=True)(*fakes)
@@ -82,6 +82,26 @@ def to_aten(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, C
             FakeTensorProp(module, mode=fake_mode).propagate_dont_convert_inputs(*fakes)
 
     return aten_gm, refresh
+
+
+class _GradientAwareInterpreter(fx.Interpreter):
+    """Runs a Dynamo graph under ``make_fx`` keeping its stop-gradients in the ATen graph:
+    ``x.data`` (Dynamo's ``_get_data_attr``, which ``make_fx`` would bake into a constant)
+    becomes ``aten.detach``, and an ``inference_mode`` region (which ``make_fx`` drops) becomes
+    a ``no_grad`` region (``_set_grad_enabled`` nodes)."""
+
+    def call_function(self, target, args, kwargs):
+        if target is torch._C._autograd._get_data_attr:
+            return args[0].detach()
+        if target is torch.autograd.grad_mode._enter_inference_mode:
+            previous = torch.is_grad_enabled()
+            if args[0]:
+                torch._C._set_grad_enabled(False)
+            return previous
+        if target is torch.autograd.grad_mode._exit_inference_mode:
+            torch._C._set_grad_enabled(args[0])
+            return None
+        return super().call_function(target, args, kwargs)
 
 
 def inline_modules(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, list[torch.Tensor]]:

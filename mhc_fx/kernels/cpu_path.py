@@ -48,20 +48,24 @@ DECOMPOSITIONS = {
 
 def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int) -> torch.Tensor:
     """Exact gradient of :func:`~mhc_fx.nn.functional.sinkhorn` w.r.t. ``logits [..., n, n]``
-    for ``grad = ∂L/∂H_res``, through every iteration (iterates kept, then walked back)."""
-    M0 = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
-    steps, M = [], M0
+    for ``grad = ∂L/∂H_res``, through every iteration (iterates kept, then walked back).
+
+    In the log domain a step ``L' = L − LSE(L)`` along an axis has the gradient
+    ``g = g' − exp(L') · Σ_axis g'``, and ``H_res = exp(L_T)`` gives ``g_T = grad · H_res``:
+    products and sums of the normalised iterates only, no division (finite wherever the
+    forward is).
+    """
+    log_m, steps = logits, []
     for _ in range(iters):
-        s = M.sum(dim=-2, keepdim=True)
-        A = M / s
-        r = A.sum(dim=-1, keepdim=True)
-        M = A / r
-        steps.append((A, s, r, M))
-    G = grad
-    for A, s, r, M in reversed(steps):
-        dA = (G - (G * M).sum(dim=-1, keepdim=True)) / r
-        G = (dA - (dA * A).sum(dim=-2, keepdim=True)) / s
-    return G * M0
+        log_m = log_m - log_m.logsumexp(dim=-2, keepdim=True)
+        columns = log_m.exp()
+        log_m = log_m - log_m.logsumexp(dim=-1, keepdim=True)
+        steps.append((columns, log_m.exp()))
+    g = grad * steps[-1][1]
+    for columns, rows in reversed(steps):
+        g = g - rows * g.sum(dim=-1, keepdim=True)
+        g = g - columns * g.sum(dim=-2, keepdim=True)
+    return g
 
 
 def mhc_pre_backward(

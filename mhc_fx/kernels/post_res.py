@@ -16,11 +16,18 @@ from . import runtime
 
 
 @triton.jit
-def _program_tokens(T, N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr):
-    """This program's tokens ``t [BT]`` and streams ``i [NP]``, with their validity masks."""
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
+def _program_tokens(pid, T, N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr):
+    """Program ``pid``'s tokens ``t [BT]`` (int64: ``t·n·C`` passes 2³¹ at 131k tokens of
+    n=4, C=4096) and streams ``i [NP]``, with their validity masks."""
+    t = pid.to(tl.int64) * BT + tl.arange(0, BT)
     i = tl.arange(0, NP)
     return t, t < T, i, i < N
+
+
+@triton.jit
+def _stream_offsets(t, i, c, N: tl.constexpr, C):
+    """Element offsets ``[BT, NP, BC]`` of ``[T, n, C]`` at tokens t (int64), streams i, channels c."""
+    return t[:, None, None] * (N * C) + i[None, :, None] * C + c[None, None, :]
 
 
 @triton.jit
@@ -32,16 +39,14 @@ def _token_tile(PTR, t, tm, c, cm, C):
 @triton.jit
 def _stream_tile(PTR, t, tm, i, im, c, cm, N: tl.constexpr, C):
     """``[BT, NP, BC]`` tile of a ``[T, n, C]`` tensor (zeros outside), as stored."""
-    offs = t[:, None, None] * (N * C) + i[None, :, None] * C + c[None, None, :]
     mask = tm[:, None, None] & im[None, :, None] & cm[None, None, :]
-    return tl.load(PTR + offs, mask=mask, other=0.0)
+    return tl.load(PTR + _stream_offsets(t, i, c, N, C), mask=mask, other=0.0)
 
 
 @triton.jit
 def _store_stream_tile(PTR, value, t, tm, i, im, c, cm, N: tl.constexpr, C):
-    offs = t[:, None, None] * (N * C) + i[None, :, None] * C + c[None, None, :]
     mask = tm[:, None, None] & im[None, :, None] & cm[None, None, :]
-    tl.store(PTR + offs, value.to(PTR.dtype.element_ty), mask=mask)
+    tl.store(PTR + _stream_offsets(t, i, c, N, C), value.to(PTR.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -77,7 +82,7 @@ def _post_res_fwd(
     X, Y, HPOST, HRES, OUT, T, C,
     N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
 ):
-    t, tm, i, im = _program_tokens(T, N, NP, BT)
+    t, tm, i, im = _program_tokens(tl.program_id(0), T, N, NP, BT)
     hpost = _coef_tile(HPOST, t, tm, i, im, N)
     for c0 in range(0, C, BC):
         c = c0 + tl.arange(0, BC)
@@ -100,7 +105,7 @@ def _post_res_bwd(
     N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
 ):
     acc_t = HRES.dtype.element_ty
-    t, tm, i, im = _program_tokens(T, N, NP, BT)
+    t, tm, i, im = _program_tokens(tl.program_id(0), T, N, NP, BT)
     hpost = _coef_tile(HPOST, t, tm, i, im, N)
     dhpost = tl.zeros([BT, NP], acc_t)
     dhres = tl.zeros([BT, NP, NP], acc_t)

@@ -24,57 +24,62 @@ from .cpu_path import gate_and_bias_grads
 
 
 # ---------------------------------------------------------------------------------------------
-# Sinkhorn-Knopp on [BT, RP, RP] tiles (mHC Eq. 9):
-#   M⁰ = exp(L − max L);  t_max times:  A = M / colsum(M),  M = A / rowsum(A)
-# Backward of one (column, row) step, for G = ∂L/∂M_out (r = row sums of A, s = column sums of M):
-#   dA = (G − rowsum(G ∘ M_out)) / r;   dM = (dA − colsum(dA ∘ A)) / s
-# and ∂L/∂L = dM⁰ ∘ M⁰ (the max shift does not change the result: its gradient is zero).
-# The iterates are recomputed from M⁰ for every backward step (t_max²/2 tiny steps in
+# Sinkhorn-Knopp on [BT, RP, RP] tiles (mHC Eq. 9), in the log domain (no 0/0 when a column of
+# exp(L − max) underflows; the same function in exact arithmetic):
+#   L⁰ = logits;  t_max times:  L ← L − LSE_columns(L),  L ← L − LSE_rows(L);   H_res = exp(L)
+# Backward, for G = ∂L/∂H_res: g = G ∘ H_res, then for each step from the last, with P = exp(L')
+# the normalised matrix after that step:  g ← g − P · Σ_axis g   (rows, then columns).
+# The iterates are recomputed from the logits for every backward step (t_max²/2 tiny steps in
 # registers), so the gradient is the exact one of the unrolled loop, with nothing stored.
+# Padding (rows/columns ≥ n) holds −inf logits, so exp gives exact zeros there.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _normalize_columns(M, valid):
-    s = tl.sum(M, axis=1)  # [BT, RP]
-    s = tl.where(valid[None, :], s, 1.0)
-    return M / s[:, None, :], s
+def _log_normalize_columns(L, valid):
+    top = tl.where(valid[None, :], tl.max(L, axis=1), 0.0)  # [BT, RP], per column
+    s = tl.sum(tl.exp(L - top[:, None, :]), axis=1)
+    lse = top + tl.log(tl.where(valid[None, :], s, 1.0))
+    return L - lse[:, None, :]
 
 
 @triton.jit
-def _normalize_rows(M, valid):
-    s = tl.sum(M, axis=2)  # [BT, RP]
-    s = tl.where(valid[None, :], s, 1.0)
-    return M / s[:, :, None], s
+def _log_normalize_rows(L, valid):
+    top = tl.where(valid[None, :], tl.max(L, axis=2), 0.0)  # [BT, RP], per row
+    s = tl.sum(tl.exp(L - top[:, :, None]), axis=2)
+    lse = top + tl.log(tl.where(valid[None, :], s, 1.0))
+    return L - lse[:, :, None]
 
 
 @triton.jit
 def _sinkhorn_start(logits, valid):
     both = valid[:, None] & valid[None, :]
-    lg = tl.where(both[None, :, :], logits, float("-inf"))
-    top = tl.max(tl.max(lg, axis=2), axis=1)
-    return tl.where(both[None, :, :], tl.exp(lg - top[:, None, None]), 0.0)
+    return tl.where(both[None, :, :], logits, float("-inf"))
 
 
 @triton.jit
-def _sinkhorn_iterate(M, valid, steps):
+def _sinkhorn_iterate(L, valid, steps):
     for _ in range(steps):
-        M, _s = _normalize_columns(M, valid)
-        M, _r = _normalize_rows(M, valid)
-    return M
+        L = _log_normalize_rows(_log_normalize_columns(L, valid), valid)
+    return L
+
+
+@triton.jit
+def _sinkhorn(logits, valid, iters):
+    """``H_res [BT, RP, RP]`` (zeros in the padding) of ``logits [BT, RP, RP]``."""
+    return tl.exp(_sinkhorn_iterate(_sinkhorn_start(logits, valid), valid, iters))
 
 
 @triton.jit
 def _sinkhorn_bwd(logits, G, valid, iters):
-    M0 = _sinkhorn_start(logits, valid)
+    """``∂L/∂logits`` for ``G = ∂L/∂H_res`` (both ``[BT, RP, RP]``)."""
+    L0 = _sinkhorn_start(logits, valid)
     both = valid[:, None] & valid[None, :]
-    G = tl.where(both[None, :, :], G, 0.0)
+    g = tl.where(both[None, :, :], G, 0.0) * tl.exp(_sinkhorn_iterate(L0, valid, iters))
     for k in range(iters):
-        M = _sinkhorn_iterate(M0, valid, iters - 1 - k)
-        A, s = _normalize_columns(M, valid)
-        out, r = _normalize_rows(A, valid)
-        dA = (G - tl.sum(G * out, axis=2)[:, :, None]) / r[:, :, None]
-        G = (dA - tl.sum(dA * A, axis=1)[:, None, :]) / s[:, None, :]
-        G = tl.where(both[None, :, :], G, 0.0)
-    return G * M0
+        columns = _log_normalize_columns(_sinkhorn_iterate(L0, valid, iters - 1 - k), valid)
+        rows = _log_normalize_rows(columns, valid)
+        g = g - tl.exp(rows) * tl.sum(g, axis=2)[:, :, None]
+        g = g - tl.exp(columns) * tl.sum(g, axis=1)[:, None, :]
+    return g
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +206,7 @@ def _finish_pre(
     _r, _a, _b, _c, H_pre, H_post, logits = _coefficients(
         sumsq, raw_pre, raw_post, raw_res, ALPHA, BIAS, C, eps, N, NP, W, RP, BT
     )
-    H_res = _sinkhorn_iterate(_sinkhorn_start(logits, rim), rim, iters)
+    H_res = _sinkhorn(logits, rim, iters)
     _store_pair(HPRE, H_pre, t, tm, i, im, N, N, 0)
     _store_pair(HPOST, H_post, t, tm, i, im, N, N, 0)
     _store_square(HRES, H_res, t, tm, ri, rim, N, N * N, 0)
@@ -215,7 +220,7 @@ def _pre_fwd(
     BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr,
 ):
     acc_t = PHI.dtype.element_ty
-    t, tm, i, im = _program_tokens(T, N, NP, BT)
+    t, tm, i, im = _program_tokens(tl.program_id(0), T, N, NP, BT)
     sumsq, raw_pre, raw_post, raw_res = _zero_projections(acc_t, BT, W, RP)
     for c0 in range(0, C, BC):
         c = c0 + tl.arange(0, BC)
@@ -239,7 +244,7 @@ def _post_res_pre_fwd(
     BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr,
 ):
     acc_t = PHI.dtype.element_ty
-    t, tm, i, im = _program_tokens(T, N, NP, BT)
+    t, tm, i, im = _program_tokens(tl.program_id(0), T, N, NP, BT)
     hpost_in = _coef_tile(HPOST_IN, t, tm, i, im, N)
     sumsq, raw_pre, raw_post, raw_res = _zero_projections(acc_t, BT, W, RP)
     for c0 in range(0, C, BC):
@@ -273,7 +278,7 @@ def _pre_bwd(
     BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr,
 ):
     acc_t = PHI.dtype.element_ty
-    t, tm, i, im = _program_tokens(T, N, NP, BT)
+    t, tm, i, im = _program_tokens(tl.program_id(0), T, N, NP, BT)
     ri = tl.arange(0, RP)
     rim = ri < N
     sumsq, raw_pre, raw_post, raw_res = _zero_projections(acc_t, BT, W, RP)
@@ -351,12 +356,12 @@ def _pre_bwd_phi(
     acc = tl.zeros([BK, KP], acc_t)
     start = split * tokens_per_split
     for t0 in range(start, start + tokens_per_split, BT):
-        t = t0 + tl.arange(0, BT)
+        t = t0 + tl.arange(0, BT).to(tl.int64)  # t·nC passes 2³¹ on long sequences
         tm = t < T
         v = tl.load(X + t[None, :] * NC + k[:, None], mask=km[:, None] & tm[None, :], other=0.0).to(acc_t)
         d = tl.load(DRAW + t[:, None] * K + col[None, :], mask=tm[:, None] & colm[None, :], other=0.0)
         acc = tl.dot(v, d, acc, input_precision=PREC)
-    tl.store(DPHI + split * NC * K + k[:, None] * K + col[None, :], acc, mask=km[:, None] & colm[None, :])
+    tl.store(DPHI + split.to(tl.int64) * NC * K + k[:, None] * K + col[None, :], acc, mask=km[:, None] & colm[None, :])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,10 +46,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     """Sinkhorn-Knopp projection onto the doubly stochastic matrices (mHC Eq. 9).
 
-    ``M⁽⁰⁾ = exp(logits − max)``, then ``iters`` times: divide by the column sums, then by the
-    row sums. The last step normalises rows, so every row sums to exactly 1 (forward gain 1);
-    columns sum to 1 approximately. Subtracting the per-matrix max only rescales ``M⁽⁰⁾`` and
-    so does not change the result. Autograd differentiates through every iteration exactly.
+    The paper's iteration is ``M⁽⁰⁾ = exp(logits)``, then ``iters`` times: divide by the
+    column sums, then by the row sums. This computes it in the log domain, ``iters`` times::
+
+        L ← L − logsumexp_columns(L);   L ← L − logsumexp_rows(L);      H_res = exp(L)
+
+    which is the same function in exact arithmetic (``log(M / colsum(M)) = L − LSE_col(L)``)
+    but never divides 0 by 0: where a column of ``exp(logits − max)`` underflows to zero in
+    floating point (logits spread by more than ~88 in fp32, which training reaches), the
+    division form turns NaN in forward and backward, while every ``logsumexp`` here subtracts
+    its own maximum. The last step normalises rows, so every row sums to 1 (forward gain 1);
+    columns sum to 1 approximately. Autograd differentiates through every iteration exactly.
 
     Args:
         logits: ``[..., n, n]``, any float dtype (computed in float32 or float64).
@@ -58,12 +65,11 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     Returns:
         ``[..., n, n]`` in the compute dtype, entries ≥ 0, rows summing to 1.
     """
-    m = logits.to(compute_dtype(logits.dtype))
-    m = torch.exp(m - m.amax(dim=(-2, -1), keepdim=True))
+    log_m = logits.to(compute_dtype(logits.dtype))
     for _ in range(iters):
-        m = m / m.sum(dim=-2, keepdim=True)  # columns
-        m = m / m.sum(dim=-1, keepdim=True)  # rows
-    return m
+        log_m = log_m - log_m.logsumexp(dim=-2, keepdim=True)  # columns
+        log_m = log_m - log_m.logsumexp(dim=-1, keepdim=True)  # rows
+    return log_m.exp()
 
 
 def group_gate(alpha: torch.Tensor, n: int) -> torch.Tensor:

@@ -1,0 +1,95 @@
+"""Match the mixing ``X_next = H_res·X + H_postᵀ·y`` of a fused pre side.
+
+The candidate is the nearest node below ``H_res`` and ``H_post`` with the stream's shape that
+is computed from ``X``, ``H_post``, ``H_res`` and one ``[..., C]`` tensor ``y`` alone (within
+:data:`MIX_DEPTH` ops); it is accepted when, on a few tokens, its values and VJPs equal
+:func:`mhc_fx.nn.functional.post_res_mix`'s (:mod:`mhc_fx.compile.check`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+
+from ..nn import functional as Fn
+from ..convert.graph_ops import tensor_meta
+from . import check
+from .nodes import inputs, nondeterministic, order, shape, size_input, users, walk
+
+#: how far (in ops) the mixing ``X_next`` may lie from its inputs.
+MIX_DEPTH = 8
+
+
+@dataclasses.dataclass
+class PostMatch:
+    """``X_next`` (the node ``post_res`` replaces) and the branch output ``y`` it mixes in."""
+
+    X_next: fx.Node
+    y: fx.Node
+
+
+def _closure(target: fx.Node, sources: set[fx.Node]) -> list[fx.Node] | None:
+    """Nodes computing ``target`` from ``sources`` (and constants) alone, within ``MIX_DEPTH``
+    ops; None if ``target`` needs anything else."""
+    seen, frontier = {target}, [target]
+    for _ in range(MIX_DEPTH):
+        nxt = []
+        for node in frontier:
+            for src in node.all_input_nodes:
+                if src in sources or src in seen:
+                    continue
+                if (src.op == "placeholder" and size_input(src) is None) or nondeterministic(src):
+                    return None
+                seen.add(src)
+                nxt.append(src)
+        frontier = nxt
+        if not frontier:
+            return sorted(seen, key=order)
+    return None
+
+
+def match_post(
+    gm: fx.GraphModule, X: fx.Node, H_post: fx.Node, H_res: fx.Node, modes: dict[fx.Node, bool]
+) -> PostMatch | str:
+    """The node computing ``post_res_mix(X, y, H_post, H_res)`` for some ``y [..., C]``, or why
+    there is none."""
+    s, dtype = shape(X), tensor_meta(X).dtype
+    y_shape = s[:-2] + s[-1:]
+    near = walk(H_res, users, lambda _: True, MIX_DEPTH)
+    after_post = walk(H_post, users, lambda _: True, MIX_DEPTH)
+    tokens = check.TokenSlice.of(s)
+    reason = "no node computes H_res·X + H_postᵀ·y from this block's coefficients"
+    for target in sorted((u for u in near if u in after_post and shape(u) == s), key=order):
+        if tensor_meta(target).dtype != dtype:
+            continue
+        back = walk(target, inputs, lambda _: True, MIX_DEPTH)
+        for y in sorted(back, key=lambda u: back[u]):
+            if y in (X, H_post, H_res) or shape(y) != y_shape or y in near:
+                continue
+            sources = (X, y, H_post, H_res)
+            nodes = _closure(target, set(sources))
+            if nodes is None:
+                continue
+            values = {u: check.random_value(u, slot, tokens) for slot, u in enumerate(sources)}
+            values[H_res] = values[H_res].abs()
+            sizes = {u: tokens.size(hint) for u in nodes if (hint := size_input(u)) is not None}
+            try:
+                with torch.no_grad():
+                    value = check.evaluate(gm, nodes, {**values, **sizes}, tokens)[target]
+            except RuntimeError:
+                continue
+            exact = [values[u].to(torch.float64).cpu() for u in sources]
+            if check.rel_err(value, Fn.post_res_mix(*exact)) > check.tolerance(dtype):
+                continue
+            stop = check.stop_gradient(nodes, [], modes)
+            if stop is None and any(modes[u] for u in nodes):
+                names = dict(zip(sources, ("the stream X", f"the branch output {y.name}", "H_post", "H_res")))
+                stop = check.vjp_mismatch(
+                    gm, nodes, values, [(target, 0)], lambda v: [Fn.post_res_mix(*v)], tokens, modes, names, sizes
+                )
+            if stop is None:
+                return PostMatch(target, y)
+            reason = f"the mixing at {target.name}: {stop}"
+    return reason

@@ -1,0 +1,74 @@
+"""What the fusion pass did to one graph: :class:`FusionReport`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+
+@dataclasses.dataclass(frozen=True)
+class Fused:
+    """One fused op: ``kind`` (``pre``, ``post_res``, ``post_res_pre``) and the module it came
+    from (``nn_module_stack`` of the matched nodes)."""
+
+    kind: str
+    owner: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Unfused:
+    """A candidate left as it was: where it is and why."""
+
+    kind: str
+    owner: str
+    reason: str
+
+
+@dataclasses.dataclass
+class FusionReport:
+    """What the fusion pass did to one graph.
+
+    Attributes:
+        fused: each fused op, in graph order; unfused: candidates left alone, with the reason;
+        existing: fused ops the graph already called (a model converted with
+        ``fused_ops=True``); recompute: the recomputation plan, if one was applied (see
+        :mod:`mhc_fx.compile.recompute`); seconds: time the fusion pass took.
+    """
+
+    fused: list[Fused] = dataclasses.field(default_factory=list)
+    unfused: list[Unfused] = dataclasses.field(default_factory=list)
+    existing: Counter = dataclasses.field(default_factory=Counter)
+    recompute: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def counts(self) -> Counter:
+        """Fused ops per kind (``pre``, ``post_res``, ``post_res_pre``)."""
+        return Counter(f.kind for f in self.fused)
+
+    @property
+    def num_pre(self) -> int:
+        """Blocks whose pre side runs fused (``pre`` + ``post_res_pre``)."""
+        c = self.counts
+        return c["pre"] + c["post_res_pre"]
+
+    @property
+    def num_post_res(self) -> int:
+        """Blocks whose mixing runs fused (``post_res`` + ``post_res_pre``)."""
+        c = self.counts
+        return c["post_res"] + c["post_res_pre"]
+
+    def __str__(self) -> str:
+        c = self.counts
+        lines = [
+            f"mhc fusion: {c['pre']} pre, {c['post_res']} post_res, {c['post_res_pre']} post_res_pre "
+            f"(blocks with fused pre {self.num_pre}, fused mixing {self.num_post_res})"
+        ]
+        if self.existing:
+            lines.append("  already fused in the model: " + ", ".join(f"{k} ×{v}" for k, v in sorted(self.existing.items())))
+        lines += [f"  not fused: {u.kind} at {u.owner or '?'}: {u.reason}" for u in self.unfused]
+        if not (self.fused or self.unfused or self.existing):
+            lines.append("  no Sinkhorn chain in this graph, so no mHC layer to fuse (HC and plain residuals have none)")
+        if self.recompute:
+            lines.append(f"  recompute: {self.recompute}")
+        return "\n".join(lines)
