@@ -13,7 +13,6 @@ import logging
 import torch
 
 import mhc_fx
-from mhc_fx.compile import backend as mhc_backend
 from mhc_fx.demo.zoo import TinyGPT
 
 
@@ -41,7 +40,7 @@ def main() -> None:
     model.eval()
     with torch.no_grad():  # a second graph (inference), fused as well
         out, ref = compiled(inputs), model(inputs)
-    for report in mhc_backend.reports():
+    for report in mhc_fx.fusion_reports(model):
         print(report)
     print(f"compiled vs eager after training: relative error {float((out - ref).norm() / ref.norm()):.2e}")
 

@@ -9,6 +9,7 @@ backend), :mod:`mhc_fx.export` (ONNX).
 """
 
 from . import kernels  # registers torch.ops.mhc_fx (fused connections call them)
+from .compile.report import FusionReport, fusion_reports
 from .config import MHCConfig
 from .convert import BlockReport, CaptureRecord, ConversionReport, convert, find_residuals, is_converted, report
 from .errors import CaptureError, ConfigError, ConversionError, MHCError
@@ -23,6 +24,8 @@ __all__ = [
     "convert",
     "find_residuals",
     "report",
+    "fusion_reports",
+    "FusionReport",
     "is_converted",
     "from_pretrained",
     "param_groups",

@@ -7,7 +7,6 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -23,13 +22,6 @@ from .models import PaperStyleNet
 from .real_models import REAL_MODELS
 from .test_fused_modules import ITERS, _randomize_connections
 from .test_kernels import needs_kernels
-
-
-@pytest.fixture(autouse=True)
-def _eager_cpu_path():
-    """The backend compiles the ops' CPU path process-wide; other tests expect it eager."""
-    yield
-    runtime.compile_cpu_path(False)
 
 
 def _loss(out) -> torch.Tensor:
@@ -55,14 +47,13 @@ def _eager_and_compiled(model: nn.Module, oracle: nn.Module, args, kwargs, backe
     _loss(out).backward()
     runs.append((float_leaves(out), _grads(model)))
     model.zero_grad(set_to_none=True)
-    mhc_backend.clear_reports()
     compiled = torch.compile(model, backend=backend)
     before = runtime.launches.copy()
     out = compiled(*args, **kwargs)
     _loss(out).backward()
     launched = runtime.launches - before
     runs.append((float_leaves(out), _grads(model)))
-    (report,) = mhc_backend.reports()
+    (report,) = mhc_fx.fusion_reports(compiled)
     return runs, launched, report
 
 
@@ -146,7 +137,7 @@ def test_recompute_lowers_saved_bytes_with_unchanged_gradients(monkeypatch):
         saved[name] = saved_bytes(compiled, ids)
     print("saved for backward (bytes):", saved)
     assert saved["mhc+recompute"] < 0.85 * saved["mhc"]
-    assert "L_r=4: 6 of 24 block streams saved" in mhc_backend.reports()[-1].recompute
+    assert "L_r=4: 6 of 24 block streams saved" in mhc_fx.fusion_reports(model)[-1].recompute
     assert eager.keys() == grads["mhc"].keys()
     for name, ref in eager.items():  # fp32 sums in other orders: a wrong fusion is off by O(1)
         assert rel_err(grads["mhc"][name], ref) <= 1e-4, name
@@ -170,12 +161,11 @@ def test_graph_recompiled_with_dynamic_sizes_is_fused():
     ``dynamic=True`` from the start lifts the RMS eps to an input: reported, not fused."""
     model = mhc_fx.convert(TinyGPT(layers=1, dim=16, heads=2), (torch.randint(0, 96, (2, 8)),), n=4, sinkhorn_iters=ITERS)
     _randomize_connections(model)
-    mhc_backend.clear_reports()
     compiled = torch.compile(model, backend="mhc")
     for shape in [(2, 8), (3, 5), (4, 11)]:
         ids = torch.randint(0, 96, shape)
         assert rel_err(compiled(ids), model(ids)) <= 1e-5
-    reports = mhc_backend.reports()
+    reports = mhc_fx.fusion_reports(model)
     assert len(reports) == 2  # static, then dynamic: the third shape reused the second graph
     assert all(r.num_pre == r.num_post_res == 2 and not r.unfused for r in reports), [str(r) for r in reports]
 
@@ -183,7 +173,7 @@ def test_graph_recompiled_with_dynamic_sizes_is_fused():
     compiled = torch.compile(model, backend="mhc", dynamic=True)
     ids = torch.randint(0, 96, (2, 8))
     assert rel_err(compiled(ids), model(ids)) <= 1e-5
-    report = mhc_backend.reports()[-1]  # the converted call's own capture keeps eps a constant
+    report = mhc_fx.fusion_reports(model)[-1]  # the converted call's own capture keeps eps a constant
     assert report.num_pre >= 1 and not report.unfused
 
 
@@ -193,9 +183,8 @@ def test_bfloat16_model_is_fused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     ids = torch.randint(0, 96, (2, 16))
     model = mhc_fx.convert(TinyGPT(layers=2, dim=32, heads=2).bfloat16(), (ids,), n=4, sinkhorn_iters=ITERS)
-    mhc_backend.clear_reports()
     out = torch.compile(model, backend="mhc")(ids)
-    (report,) = mhc_backend.reports()
+    (report,) = mhc_fx.fusion_reports(model)
     assert out.dtype == torch.bfloat16
     assert report.num_pre == report.num_post_res == 4 and not report.unfused, str(report)
     assert rel_err(out, model(ids)) <= 1e-2  # bf16 rounding of the streams, in other orders
@@ -208,13 +197,14 @@ def test_inference_graph_is_fused():
     ids = torch.randint(0, 96, (2, 8))
     model = mhc_fx.convert(TinyGPT(layers=1, dim=16, heads=2), (ids,), n=4, sinkhorn_iters=ITERS).eval()
     _randomize_connections(model)
-    mhc_backend.clear_reports()
     before = runtime.launches.copy()
+    backend = mhc_backend.options(recompute=True)
     with torch.no_grad():
-        out = torch.compile(model, backend=mhc_backend.options(recompute=True))(ids)
+        out = torch.compile(model, backend=backend)(ids)
         ref = model(ids)
     launched = runtime.launches - before
-    (report,) = mhc_backend.reports()
+    (report,) = backend.reports
+    assert mhc_fx.fusion_reports(model) == [report]
     assert report.recompute is None
     assert report.num_pre == report.num_post_res == 2 and not report.unfused, str(report)
     assert launched == {"mhc_pre_fwd": 1, "post_res_pre_fwd": 1, "post_res_fwd": 1}
@@ -224,8 +214,7 @@ def test_inference_graph_is_fused():
 def test_model_without_mhc_compiles_unchanged_and_says_so():
     gpt = TinyGPT(layers=1, dim=16, heads=2)
     ids = torch.randint(0, 96, (2, 8))
-    mhc_backend.clear_reports()
     out = torch.compile(gpt, backend="mhc")(ids)
     assert rel_err(out, gpt(ids)) <= 1e-5
-    (report,) = mhc_backend.reports()
+    (report,) = mhc_fx.fusion_reports(gpt)
     assert not report.fused and "no Sinkhorn chain in this graph" in str(report)

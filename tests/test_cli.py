@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from mhc_fx.cli import main
 

@@ -143,9 +143,9 @@ def opcheck_cases():
     grads = (torch.randn(t, C), torch.randn(t, n), torch.randn(t, n), torch.randn(t, n, n))
     return {
         "mhc_pre": (ops.mhc_pre, (X, *params, 3, 1e-6)),
-        "mhc_pre_backward": (ops.mhc_pre_backward, (X, *params, *grads, 3, 1e-6)),
+        "mhc_pre_backward": (ops.mhc_pre_backward, (X, *params, *grads, 3, 1e-6, "auto")),
         "post_res": (ops.post_res, (X, y, H_post, H_res)),
-        "post_res_backward": (ops.post_res_backward, (X, y, H_post, H_res, torch.randn(t, n, C))),
+        "post_res_backward": (ops.post_res_backward, (X, y, H_post, H_res, torch.randn(t, n, C), "auto")),
         "post_res_pre": (ops.post_res_pre, (X, y, H_post, H_res, *params, 3, 1e-6)),
     }
 

@@ -13,9 +13,11 @@ For each graph Dynamo captures, the backend
    stream tensors are recomputed instead of saved.
 
 Options, by ``torch.compile(m, backend="mhc", options={...})`` or
-``torch.compile(m, backend=mhc_fx.backend.options(...))``: see :class:`BackendOptions`.
-What was fused: :func:`reports` (one :class:`~mhc_fx.compile.fuse.FusionReport` per compiled
-graph) and the ``mhc_fx.backend`` logger (INFO).
+``torch.compile(m, backend=mhc_fx.compile.backend.options(...))``: see :class:`BackendOptions`.
+What was fused belongs to the compiled model: :func:`mhc_fx.fusion_reports(model)
+<mhc_fx.compile.report.fusion_reports>` (one :class:`~mhc_fx.compile.report.FusionReport` per graph compiled for
+it); a backend made by :func:`options` also keeps the reports of every graph it compiled
+(``.reports``, for compiled functions); and the ``mhc_fx.compile.backend`` logger (INFO).
 
 The name ``"mhc"`` comes from the ``torch_dynamo_backends`` entry point in ``pyproject.toml``
 (Dynamo loads this module the first time the name is used); pass :func:`mhc` or
@@ -25,23 +27,23 @@ The name ``"mhc"`` comes from the ``torch_dynamo_backends`` entry point in ``pyp
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-from typing import Callable
+import sys
 
 import torch
 import torch.fx as fx
+from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule
 from torch._inductor.compile_fx import compile_fx
 
 from ..convert.capture import to_aten
 from ..errors import ConfigError
-from ..kernels import runtime  # importing mhc_fx.kernels registers torch.ops.mhc_fx
+from ..kernels import custom_ops  # noqa: F401  (registers torch.ops.mhc_fx)
 from .fuse import fuse_mhc
-from .report import FusionReport
+from .report import FusionReport, record
 from .recompute import SelectiveRecompute
 
 log = logging.getLogger(__name__)
-_REPORTS: list[FusionReport] = []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +58,10 @@ class BackendOptions:
         recompute_every: ``L_r``; ``None`` picks ``round(√(nL/(n+2)))``.
         inductor: Inductor config patches (``torch.compile(options=...)`` of the default
             backend), passed through.
-        compile_cpu_ops: where the fused ops run without Triton (CPU tensors, no
-            interpreter), run their reference compiled by Inductor once per op and shape
-            (:func:`mhc_fx.kernels.runtime.compile_cpu_path`, process-wide) rather than eagerly.
+        compile_cpu_ops: where the fused ops of this compile run without Triton (CPU tensors,
+            no interpreter), run their reference compiled by Inductor once per op and shape
+            (path ``compiled_reference``) rather than eagerly (``reference``). Pinned in the
+            graph: it applies to this compile only, forward and backward.
     """
 
     cross_layer: bool = True
@@ -84,39 +87,59 @@ class BackendOptions:
         return cls(**options)
 
 
-def reports() -> list[FusionReport]:
-    """The fusion report of every graph the backend compiled, oldest first."""
-    return list(_REPORTS)
+def _compiled_model() -> nn.Module | None:
+    """The module whose call Dynamo is compiling: the innermost ``torch.compile(model)``
+    wrapper (or ``model.compile()``d module) on the Python stack, None for a function."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        if isinstance(owner, OptimizedModule):
+            return owner._orig_mod
+        if isinstance(owner, nn.Module) and getattr(owner, "_compiled_call_impl", None) is not None:
+            return owner
+        frame = frame.f_back
+    return None
 
 
-def clear_reports() -> None:
-    """Forget the reports :func:`reports` returns."""
-    _REPORTS.clear()
+class MHCBackend:
+    """The ``mhc`` backend with its options bound (see the module docstring). ``reports``:
+    the fusion report of every graph this backend object compiled, oldest first."""
+
+    def __init__(self, options: dict | None = None, mode: str | None = None) -> None:
+        self.options = BackendOptions.parse(options)
+        self.mode = mode
+        self.reports: list[FusionReport] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list):
+        opts = self.options
+        aten_gm, refresh = to_aten(gm, example_inputs)
+        cpu = "compiled_reference" if opts.compile_cpu_ops else "reference"
+        report = fuse_mhc(aten_gm, refresh, cross_layer=opts.cross_layer, cpu_path=cpu)
+        patches = dict(torch._inductor.list_mode_options(self.mode)) if self.mode else {}
+        patches.update(opts.inductor)
+        if opts.recompute:
+            def on_plan(plan: str) -> None:
+                report.recompute = plan
+                log.info("mhc recompute: %s", plan)
+
+            patches["joint_custom_post_pass"] = SelectiveRecompute(opts.recompute_every, on_plan)
+        self.reports.append(report)
+        model = _compiled_model()
+        if model is not None:
+            record(model, report)
+        log.info("%s", report)
+        return compile_fx(aten_gm, example_inputs, config_patches=patches)
+
+    def __repr__(self) -> str:
+        return f"MHCBackend({self.options})"
 
 
 def mhc(gm: fx.GraphModule, example_inputs: list, *, options: dict | None = None, mode: str | None = None):
-    """The ``mhc`` backend (see the module docstring)."""
-    opts = BackendOptions.parse(options)
-    aten_gm, refresh = to_aten(gm, example_inputs)
-    report = fuse_mhc(aten_gm, refresh, cross_layer=opts.cross_layer)
-    if report.fused or report.existing:
-        runtime.compile_cpu_path(opts.compile_cpu_ops)
-    patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
-    patches.update(opts.inductor)
-    if opts.recompute:
-        def on_plan(plan: str) -> None:
-            report.recompute = plan
-            log.info("mhc recompute: %s", plan)
-
-        patches["joint_custom_post_pass"] = SelectiveRecompute(opts.recompute_every, on_plan)
-    _REPORTS.append(report)
-    log.info("%s", report)
-    return compile_fx(aten_gm, example_inputs, config_patches=patches)
+    """The ``mhc`` backend as ``torch.compile(backend="mhc", options=..., mode=...)`` calls it."""
+    return MHCBackend(options, mode)(gm, example_inputs)
 
 
-def options(**kwargs) -> Callable:
+def options(**kwargs) -> MHCBackend:
     """The ``mhc`` backend with :class:`BackendOptions` bound:
-    ``torch.compile(m, backend=mhc_fx.backend.options(recompute=True))``."""
-    BackendOptions.parse(kwargs)
-    return functools.partial(mhc, options=kwargs)
-
+    ``torch.compile(m, backend=mhc_fx.compile.backend.options(recompute=True))``."""
+    return MHCBackend(kwargs)

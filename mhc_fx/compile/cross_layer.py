@@ -38,11 +38,12 @@ def merge_cross_layer(graph: fx.Graph, pre_ops: list[fx.Node]) -> dict[fx.Node, 
         producer = canonical(op.args[0])
         if producer.target is not torch.ops.mhc_fx.post_res.default:
             continue
-        X, y, H_post, H_res = producer.args
-        _, phi, alpha, bias, iters, eps = op.args
+        X, y, H_post, H_res, path = producer.args
+        _, phi, alpha, bias, iters, eps, _ = op.args
         for arg in (phi, alpha, bias):
             _hoist(arg, producer)
-        outs = insert_op(graph, producer, torch.ops.mhc_fx.post_res_pre.default, (X, y, H_post, H_res, phi, alpha, bias, iters, eps), 5)
+        args = (X, y, H_post, H_res, phi, alpha, bias, iters, eps, path)
+        outs = insert_op(graph, producer, torch.ops.mhc_fx.post_res_pre.default, args, 5)
         for user in list(op.users):
             user.replace_all_uses_with(outs[1 + user.args[1]])
         producer.replace_all_uses_with(outs[0])

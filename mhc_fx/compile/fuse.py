@@ -22,6 +22,8 @@ from collections import Counter
 import torch
 import torch.fx as fx
 
+from ..convert.graph_ops import tensor_meta
+from ..kernels import runtime
 from .check import grad_modes
 from .cross_layer import insert_op, merge_cross_layer
 from .match_post import match_post
@@ -49,11 +51,16 @@ def _place(new: list[fx.Node], position: float) -> None:
             todo += node.all_input_nodes
 
 
-def fuse_mhc(gm: fx.GraphModule, refresh_meta, cross_layer: bool = True, grad_enabled: bool | None = None) -> FusionReport:
+def fuse_mhc(
+    gm: fx.GraphModule, refresh_meta, cross_layer: bool = True, grad_enabled: bool | None = None,
+    cpu_path: str = "compiled_reference",
+) -> FusionReport:
     """Fuse every verified mHC pre side, its mixing, and (``cross_layer``) adjacent
     post_res + pre pairs in ``gm`` (a pre-dispatch ATen graph with ``meta["val"]`` on its
     nodes), in place. ``refresh_meta(gm)`` recomputes ``meta["val"]`` after a rewrite;
-    ``grad_enabled`` is the grad mode the graph runs in (default: the current one)."""
+    ``grad_enabled`` is the grad mode the graph runs in (default: the current one). Each fused
+    op is pinned to a path (:func:`mhc_fx.kernels.runtime.pinned_path`): the Triton kernels
+    where they run, else ``cpu_path``."""
     start = time.perf_counter()
     enabled = torch.is_grad_enabled() if grad_enabled is None else grad_enabled
     graph = gm.graph
@@ -71,7 +78,9 @@ def fuse_mhc(gm: fx.GraphModule, refresh_meta, cross_layer: bool = True, grad_en
         first = min((n for ns in match.outputs.values() for n in ns), key=order)
         with graph.inserting_before(first):
             params = build_params(graph, match)
-        outs = insert_op(graph, first, torch.ops.mhc_fx.mhc_pre.default, (match.X, *params, match.iters, match.eps), 4)
+        path = runtime.pinned_path(tensor_meta(match.X).device, cpu_path)
+        args = (match.X, *params, match.iters, match.eps, path)
+        outs = insert_op(graph, first, torch.ops.mhc_fx.mhc_pre.default, args, 4)
         _place(outs, order(first) - 0.5)
         for i, nodes in match.outputs.items():
             for node in nodes:
@@ -93,7 +102,7 @@ def fuse_mhc(gm: fx.GraphModule, refresh_meta, cross_layer: bool = True, grad_en
             report.unfused.append(Unfused("post_res", match.owner, post))
             continue
         with graph.inserting_before(post.X_next):
-            new = graph.call_function(torch.ops.mhc_fx.post_res.default, (X, post.y, H_post, H_res))
+            new = graph.call_function(torch.ops.mhc_fx.post_res.default, (X, post.y, H_post, H_res, op.args[-1]))
         post.X_next.replace_all_uses_with(new)
         new.meta.update(val=post.X_next.meta["val"], _order=order(post.X_next) - 0.5)
         modes[new] = modes[post.X_next]

@@ -1,9 +1,14 @@
-"""What the fusion pass did to one graph: :class:`FusionReport`."""
+"""What the fusion pass did to one graph (:class:`FusionReport`), and the reports of each
+compiled model (:func:`fusion_reports`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections import Counter
+
+from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,3 +77,21 @@ class FusionReport:
         if self.recompute:
             lines.append(f"  recompute: {self.recompute}")
         return "\n".join(lines)
+
+
+#: model → the reports of the graphs compiled for it (dropped with the model).
+_BY_MODEL: "weakref.WeakKeyDictionary[nn.Module, list[FusionReport]]" = weakref.WeakKeyDictionary()
+
+
+def record(model: nn.Module, report: FusionReport) -> None:
+    """File ``report`` under ``model`` (the backend calls this for every graph it compiles)."""
+    _BY_MODEL.setdefault(model, []).append(report)
+
+
+def fusion_reports(model: nn.Module) -> list[FusionReport]:
+    """The fusion report of every graph the ``mhc`` backend compiled for ``model`` (the module,
+    or its ``torch.compile`` wrapper), oldest first; empty if none was. A recompile (new
+    shapes, another mode) adds one."""
+    if isinstance(model, OptimizedModule):
+        model = model._orig_mod
+    return list(_BY_MODEL.get(model, []))

@@ -16,22 +16,24 @@ from ..nn import functional as MF
 
 
 def mhc_pre(
-    X: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, iters: int, eps: float
+    X: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, iters: int, eps: float,
+    path: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(h, H_pre, H_post, H_res)``: :func:`~mhc_fx.nn.functional.mhc_coefficients`, then
-    :func:`~mhc_fx.nn.functional.pre_mix`."""
+    :func:`~mhc_fx.nn.functional.pre_mix` (``path``, where the op would run, does not change
+    the function: the decompositions accept and drop it)."""
     H_pre, H_post, H_res = MF.mhc_coefficients(X, phi, alpha, bias, sinkhorn_iters=iters, eps=eps)
     return MF.pre_mix(X, H_pre), H_pre, H_post, H_res
 
 
-def post_res(X: torch.Tensor, y: torch.Tensor, H_post: torch.Tensor, H_res: torch.Tensor) -> torch.Tensor:
+def post_res(X: torch.Tensor, y: torch.Tensor, H_post: torch.Tensor, H_res: torch.Tensor, path: str = "auto") -> torch.Tensor:
     """``X_next = H_res·X + H_postᵀ·y`` (:func:`~mhc_fx.nn.functional.post_res_mix`)."""
     return MF.post_res_mix(X, y, H_post, H_res)
 
 
 def post_res_pre(
     X: torch.Tensor, y: torch.Tensor, H_post: torch.Tensor, H_res: torch.Tensor,
-    phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, iters: int, eps: float,
+    phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, iters: int, eps: float, path: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(X_next, h, H_pre, H_post', H_res')``: :func:`post_res`, then :func:`mhc_pre` on X_next."""
     X_next = post_res(X, y, H_post, H_res)

@@ -13,9 +13,11 @@ coefficients ``H_pre``/``H_post [..., n]``, ``H_res [..., n, n]`` in float32 (fl
 float64 streams); ``φ [nC, n²+2n]``, ``α [3]``, ``b [n²+2n]``; 1 ≤ n ≤ 8. Stream dtypes:
 float32, float16, bfloat16 (and float64, for gradcheck).
 
-Each op runs the Triton kernels on CUDA, and on CPU under ``TRITON_INTERPRET=1``; elsewhere
-it runs :mod:`mhc_fx.kernels.cpu_path`, which computes the same function. Gradients are
-first order (no double backward).
+The last argument, ``path``, says where a call runs (:data:`mhc_fx.kernels.runtime.PATHS`):
+``"auto"`` (the default) runs the Triton kernels on CUDA, and on CPU under
+``TRITON_INTERPRET=1``, and elsewhere :mod:`mhc_fx.kernels.cpu_path`, which computes the same
+function; the ``mhc`` backend pins a path per compile. The backward ops take the path their
+forward resolved. Gradients are first order (no double backward).
 """
 
 from __future__ import annotations
@@ -84,21 +86,24 @@ def _pre_outputs(lead: torch.Size, C: int, outs: tuple[Tensor, ...]) -> tuple[Te
 
 # ------------------------------------------------------------------------------- mhc_pre
 @torch.library.custom_op("mhc_fx::mhc_pre", mutates_args=())
-def mhc_pre(X: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def mhc_pre(
+    X: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int, eps: float, path: str = "auto"
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """mHC pre side of one block: ``(h [..., C], H_pre [..., n], H_post [..., n], H_res [..., n, n])``."""
     _check_pre(X, phi, alpha, bias, iters)
     args = (_tokens(X), _acc(phi, X), _acc(alpha, X), _acc(bias, X), iters, eps)
-    if runtime.use_triton(X):
+    path = runtime.resolve_path(path, X)
+    if path == "triton":
         from . import pre
 
         outs = pre.mhc_pre_fwd(*args)
     else:
-        outs = runtime.cpu_path(cpu_path.mhc_pre)(*args)
+        outs = runtime.reference(cpu_path.mhc_pre, path)(*args)
     return _pre_outputs(X.shape[:-2], X.shape[-1], outs)
 
 
 @mhc_pre.register_fake
-def _pre_fake(X, phi, alpha, bias, iters, eps):
+def _pre_fake(X, phi, alpha, bias, iters, eps, path="auto"):
     _check_pre(X, phi, alpha, bias, iters)
     lead, (n, C), dt = X.shape[:-2], X.shape[-2:], compute_dtype(X.dtype)
     return (X.new_empty(*lead, C), X.new_empty(*lead, n, dtype=dt), X.new_empty(*lead, n, dtype=dt),
@@ -108,18 +113,20 @@ def _pre_fake(X, phi, alpha, bias, iters, eps):
 @torch.library.custom_op("mhc_fx::mhc_pre_backward", mutates_args=())
 def mhc_pre_backward(
     X: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor,
-    dh: Tensor, dH_pre: Tensor, dH_post: Tensor, dH_res: Tensor, iters: int, eps: float,
+    dh: Tensor, dH_pre: Tensor, dH_post: Tensor, dH_res: Tensor, iters: int, eps: float, path: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients ``(dX, dφ, dα, db)`` of :func:`mhc_pre` for the gradients of its four outputs."""
+    """Gradients ``(dX, dφ, dα, db)`` of :func:`mhc_pre` for the gradients of its four outputs,
+    computed on ``path`` (the one the forward resolved)."""
     _check_pre(X, phi, alpha, bias, iters)
     grads = (_rows(dh, 1).to(X.dtype), _acc(_rows(dH_pre, 1), X), _acc(_rows(dH_post, 1), X), _acc(_rows(dH_res, 2), X))
     args = (_tokens(X), _acc(phi, X), _acc(alpha, X), _acc(bias, X), *grads, iters, eps)
-    if runtime.use_triton(X):
+    path = runtime.resolve_path(path, X)
+    if path == "triton":
         from . import pre
 
         dX, dphi, dalpha, dbias = pre.mhc_pre_bwd(*args)
     else:
-        dX, dphi, dalpha, dbias = runtime.cpu_path(cpu_path.mhc_pre_backward)(*args)
+        dX, dphi, dalpha, dbias = runtime.reference(cpu_path.mhc_pre_backward, path)(*args)
     return dX.reshape(X.shape), dphi.to(phi.dtype), dalpha.to(alpha.dtype), dbias.to(bias.dtype)
 
 
@@ -129,14 +136,14 @@ def _dense_like(*tensors: Tensor) -> tuple[Tensor, ...]:
 
 
 @mhc_pre_backward.register_fake
-def _(X, phi, alpha, bias, dh, dH_pre, dH_post, dH_res, iters, eps):
+def _(X, phi, alpha, bias, dh, dH_pre, dH_post, dH_res, iters, eps, path):
     return _dense_like(X, phi, alpha, bias)
 
 
 def _pre_setup_context(ctx, inputs, output):
-    X, phi, alpha, bias, iters, eps = inputs
+    X, phi, alpha, bias, iters, eps, path = inputs
     ctx.save_for_backward(X, phi, alpha, bias)
-    ctx.iters, ctx.eps = iters, eps
+    ctx.iters, ctx.eps, ctx.path = iters, eps, runtime.resolve_path(path, X)
 
 
 def _pre_grads(X: Tensor, dh, dH_pre, dH_post, dH_res) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -154,8 +161,8 @@ def _pre_grads(X: Tensor, dh, dH_pre, dH_post, dH_res) -> tuple[Tensor, Tensor, 
 def _pre_backward(ctx, dh, dH_pre, dH_post, dH_res):
     X, phi, alpha, bias = ctx.saved_tensors
     grads = _pre_grads(X, dh, dH_pre, dH_post, dH_res)
-    dX, dphi, dalpha, dbias = torch.ops.mhc_fx.mhc_pre_backward(X, phi, alpha, bias, *grads, ctx.iters, ctx.eps)
-    return dX, dphi, dalpha, dbias, None, None
+    dX, dphi, dalpha, dbias = torch.ops.mhc_fx.mhc_pre_backward(X, phi, alpha, bias, *grads, ctx.iters, ctx.eps, ctx.path)
+    return dX, dphi, dalpha, dbias, None, None, None
 
 
 mhc_pre.register_autograd(_pre_backward, setup_context=_pre_setup_context)
@@ -163,53 +170,60 @@ mhc_pre.register_autograd(_pre_backward, setup_context=_pre_setup_context)
 
 # ------------------------------------------------------------------------------ post_res
 @torch.library.custom_op("mhc_fx::post_res", mutates_args=())
-def post_res(X: Tensor, y: Tensor, H_post: Tensor, H_res: Tensor) -> Tensor:
+def post_res(X: Tensor, y: Tensor, H_post: Tensor, H_res: Tensor, path: str = "auto") -> Tensor:
     """Next stream ``X_next [..., n, C] = H_res·X + H_postᵀ·y``."""
     _check_post(X, y, H_post, H_res)
     args = (_tokens(X), _rows(y, 1).to(X.dtype), _acc(_rows(H_post, 1), X), _acc(_rows(H_res, 2), X))
-    if runtime.use_triton(X):
+    path = runtime.resolve_path(path, X)
+    if path == "triton":
         from . import post_res as kernels
 
         out = kernels.post_res_fwd(*args)
     else:
-        out = runtime.cpu_path(cpu_path.post_res)(*args)
+        out = runtime.reference(cpu_path.post_res, path)(*args)
     return out.reshape(X.shape)
 
 
 @post_res.register_fake
-def _(X, y, H_post, H_res):
+def _(X, y, H_post, H_res, path="auto"):
     _check_post(X, y, H_post, H_res)
     return X.new_empty(X.shape)
 
 
 @torch.library.custom_op("mhc_fx::post_res_backward", mutates_args=())
-def post_res_backward(X: Tensor, y: Tensor, H_post: Tensor, H_res: Tensor, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients ``(dX, dy, dH_post, dH_res)`` of :func:`post_res` for ``grad = ∂L/∂X_next``."""
+def post_res_backward(
+    X: Tensor, y: Tensor, H_post: Tensor, H_res: Tensor, grad: Tensor, path: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(dX, dy, dH_post, dH_res)`` of :func:`post_res` for ``grad = ∂L/∂X_next``,
+    computed on ``path`` (the one the forward resolved)."""
     _check_post(X, y, H_post, H_res)
     args = (_tokens(X), _rows(y, 1).to(X.dtype), _acc(_rows(H_post, 1), X), _acc(_rows(H_res, 2), X),
             _tokens(grad).to(X.dtype))
-    if runtime.use_triton(X):
+    path = runtime.resolve_path(path, X)
+    if path == "triton":
         from . import post_res as kernels
 
         dX, dy, dH_post, dH_res = kernels.post_res_bwd(*args)
     else:
-        dX, dy, dH_post, dH_res = runtime.cpu_path(cpu_path.post_res_backward)(*args)
+        dX, dy, dH_post, dH_res = runtime.reference(cpu_path.post_res_backward, path)(*args)
     return (dX.reshape(X.shape), dy.reshape(y.shape).to(y.dtype), dH_post.reshape(H_post.shape).to(H_post.dtype),
             dH_res.reshape(H_res.shape).to(H_res.dtype))
 
 
 @post_res_backward.register_fake
-def _(X, y, H_post, H_res, grad):
+def _(X, y, H_post, H_res, grad, path):
     return _dense_like(X, y, H_post, H_res)
 
 
 def _post_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    X, y, H_post, H_res, path = inputs
+    ctx.save_for_backward(X, y, H_post, H_res)
+    ctx.path = runtime.resolve_path(path, X)
 
 
 def _post_backward(ctx, grad):
-    dX, dy, dH_post, dH_res = torch.ops.mhc_fx.post_res_backward(*ctx.saved_tensors, grad)
-    return dX, dy, dH_post, dH_res
+    dX, dy, dH_post, dH_res = torch.ops.mhc_fx.post_res_backward(*ctx.saved_tensors, grad, ctx.path)
+    return dX, dy, dH_post, dH_res, None
 
 
 post_res.register_autograd(_post_backward, setup_context=_post_setup_context)
@@ -218,7 +232,8 @@ post_res.register_autograd(_post_backward, setup_context=_post_setup_context)
 # -------------------------------------------------------------------------- post_res_pre
 @torch.library.custom_op("mhc_fx::post_res_pre", mutates_args=())
 def post_res_pre(
-    X: Tensor, y: Tensor, H_post: Tensor, H_res: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int, eps: float
+    X: Tensor, y: Tensor, H_post: Tensor, H_res: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int, eps: float,
+    path: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``X_next = post_res(X, y, H_post, H_res)`` and ``mhc_pre(X_next, φ, α, b)`` in one pass:
     ``(X_next, h, H_pre, H_post', H_res')`` (X_next is read from registers, not memory)."""
@@ -226,36 +241,37 @@ def post_res_pre(
     _check_pre(X, phi, alpha, bias, iters)
     post_args = (_tokens(X), _rows(y, 1).to(X.dtype), _acc(_rows(H_post, 1), X), _acc(_rows(H_res, 2), X))
     pre_args = (_acc(phi, X), _acc(alpha, X), _acc(bias, X), iters, eps)
-    if runtime.use_triton(X):
+    path = runtime.resolve_path(path, X)
+    if path == "triton":
         from . import pre
 
         X_next, *outs = pre.post_res_pre_fwd(*post_args, *pre_args)
     else:
-        X_next = runtime.cpu_path(cpu_path.post_res)(*post_args)
-        outs = runtime.cpu_path(cpu_path.mhc_pre)(X_next, *pre_args)
+        X_next = runtime.reference(cpu_path.post_res, path)(*post_args)
+        outs = runtime.reference(cpu_path.mhc_pre, path)(X_next, *pre_args)
     return (X_next.reshape(X.shape), *_pre_outputs(X.shape[:-2], X.shape[-1], tuple(outs)))
 
 
 @post_res_pre.register_fake
-def _(X, y, H_post, H_res, phi, alpha, bias, iters, eps):
+def _(X, y, H_post, H_res, phi, alpha, bias, iters, eps, path="auto"):
     _check_post(X, y, H_post, H_res)
     return (X.new_empty(X.shape), *_pre_fake(X, phi, alpha, bias, iters, eps))
 
 
 def _post_pre_setup_context(ctx, inputs, output):
-    X, y, H_post, H_res, phi, alpha, bias, iters, eps = inputs
+    X, y, H_post, H_res, phi, alpha, bias, iters, eps, path = inputs
     ctx.save_for_backward(X, y, H_post, H_res, phi, alpha, bias, output[0])
-    ctx.iters, ctx.eps = iters, eps
+    ctx.iters, ctx.eps, ctx.path = iters, eps, runtime.resolve_path(path, X)
 
 
 def _post_pre_backward(ctx, dX_next, dh, dH_pre, dH_post, dH_res):
     X, y, H_post, H_res, phi, alpha, bias, X_next = ctx.saved_tensors
     grads = _pre_grads(X_next, dh, dH_pre, dH_post, dH_res)
-    dXn, dphi, dalpha, dbias = torch.ops.mhc_fx.mhc_pre_backward(X_next, phi, alpha, bias, *grads, ctx.iters, ctx.eps)
+    dXn, dphi, dalpha, dbias = torch.ops.mhc_fx.mhc_pre_backward(X_next, phi, alpha, bias, *grads, ctx.iters, ctx.eps, ctx.path)
     if dX_next is not None:
         dXn = dXn + dX_next
-    dX, dy, dH_post_in, dH_res_in = torch.ops.mhc_fx.post_res_backward(X, y, H_post, H_res, dXn)
-    return dX, dy, dH_post_in, dH_res_in, dphi, dalpha, dbias, None, None
+    dX, dy, dH_post_in, dH_res_in = torch.ops.mhc_fx.post_res_backward(X, y, H_post, H_res, dXn, ctx.path)
+    return dX, dy, dH_post_in, dH_res_in, dphi, dalpha, dbias, None, None, None
 
 
 post_res_pre.register_autograd(_post_pre_backward, setup_context=_post_pre_setup_context)

@@ -4,8 +4,9 @@ Triton decides at ``@triton.jit`` time whether a kernel is compiled or interpret
 (``TRITON_INTERPRET=1``), so the kernel modules are imported lazily, on the first launch, and
 :func:`use_triton` answers per tensor: CUDA tensors always run the kernels; CPU tensors run them
 only under the interpreter (otherwise the ops run the pure-torch reference of
-:mod:`mhc_fx.kernels.cpu_path`, which computes the same function: eagerly, or — after
-:func:`compile_cpu_path` — compiled by Inductor once per shape, as the ``mhc`` backend sets up).
+:mod:`mhc_fx.kernels.cpu_path`, which computes the same function: eagerly, or compiled by
+Inductor once per shape). Each op call names its path (:data:`PATHS`): the ``mhc`` backend pins
+it per compile, and a forward hands the path it ran to its backward.
 """
 
 from __future__ import annotations
@@ -66,36 +67,63 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def use_triton(t: torch.Tensor) -> bool:
+def use_triton(t: torch.Tensor | torch.device) -> bool:
     """Whether the kernels run for tensors on ``t``'s device (CUDA, or CPU when interpreting).
 
     Raises:
-        RuntimeError: for a CUDA tensor when Triton is not installed.
+        RuntimeError: for CUDA when Triton is not installed.
     """
-    if t.device.type == "cuda":
+    device = t if isinstance(t, torch.device) else t.device
+    if device.type == "cuda":
         if not triton_available():
             raise RuntimeError("mhc_fx's CUDA kernels need Triton: pip install triton (or mhc_fx[gpu])")
         return True
-    return t.device.type == "cpu" and interpreting() and triton_available()
+    return device.type == "cpu" and interpreting() and triton_available()
 
 
-_compile_cpu = False
+#: Where an op call runs: ``triton`` (the kernels: compiled on CUDA, interpreted on CPU),
+#: ``reference`` (the pure-torch CPU path, eagerly) or ``compiled_reference`` (the CPU path
+#: compiled by Inductor once per op and shape: eagerly, the small ops of every Sinkhorn
+#: iteration on ``[T, n, n]`` cost more than the stream traffic). ``auto`` picks ``triton``
+#: where :func:`use_triton` says so, else ``reference``.
+PATHS = ("auto", "triton", "reference", "compiled_reference")
+
+
+def resolve_path(path: str, t: torch.Tensor) -> str:
+    """The concrete path of an op call on tensors like ``t``; a backward runs the path its
+    forward resolved (the op passes it on), so both halves of a step compute alike.
+
+    Raises:
+        ValueError: for an unknown path, or ``triton`` on CPU without the interpreter.
+    """
+    if path not in PATHS:
+        raise ValueError(f"mhc_fx ops: path must be one of {PATHS}, got {path!r}")
+    if path == "auto":
+        return "triton" if use_triton(t) else "reference"
+    if path == "triton" and not use_triton(t):
+        raise ValueError(
+            f"mhc_fx ops: path 'triton' for {t.device.type} tensors needs CUDA, or TRITON_INTERPRET=1 on CPU "
+            "(set before the first launch); use path='reference' to run the pure-torch CPU path"
+        )
+    if path != "triton" and t.device.type != "cpu":
+        raise ValueError(f"mhc_fx ops: path {path!r} runs on CPU tensors only, got {t.device.type}")
+    return path
+
+
+def pinned_path(device: torch.device, cpu: str) -> str:
+    """The path a compile pins for its ops on ``device``: ``triton`` where the kernels run
+    (CUDA; CPU while interpreting), else ``cpu`` (``reference`` or ``compiled_reference``)."""
+    return "triton" if use_triton(device) else cpu
+
+
 _compiled: dict[Callable, Callable] = {}
 
 
-def compile_cpu_path(enabled: bool = True) -> None:
-    """Run the ops' CPU reference path compiled by Inductor (``fullgraph``, static shapes:
-    one compile per op and shape, shared by every block) instead of eagerly, in this process.
-    The ``mhc`` backend turns this on (its ``compile_cpu_ops`` option): eagerly, the small ops
-    of every Sinkhorn iteration on ``[T, n, n]`` (~80 forward, ~200 backward at 20 iterations)
-    cost more than the stream traffic."""
-    global _compile_cpu
-    _compile_cpu = enabled
-
-
-def cpu_path(fn: Callable) -> Callable:
-    """``fn`` (a function of :mod:`mhc_fx.kernels.cpu_path`) as the ops run it on CPU."""
-    if not _compile_cpu:
+def reference(fn: Callable, path: str) -> Callable:
+    """``fn`` (a function of :mod:`mhc_fx.kernels.cpu_path`) as ``path`` runs it: as is, or
+    compiled by Inductor (``fullgraph``, static shapes: one compile per function and shape,
+    shared by every block)."""
+    if path != "compiled_reference":
         return fn
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
