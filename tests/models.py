@@ -208,18 +208,20 @@ class PaperStyleMHC(nn.Module):
 
 
 class PaperStyleNet(nn.Module):
-    """An embedding, then ``PaperStyleMHC`` blocks (``variants``: their keyword arguments;
-    default: two plain blocks and one that normalises rows first), then the streams flattened."""
+    """An embedding into n different streams (equal streams would hide H_res: rows summing to
+    1 mix equal streams into themselves), then ``PaperStyleMHC`` blocks (``variants``: their
+    keyword arguments; default: two plain blocks and one that normalises rows first), then the
+    streams flattened."""
 
     def __init__(self, dim: int = 24, n: int = 4, variants: list[dict] | None = None) -> None:
         super().__init__()
         self.n = n
-        self.embed = nn.Linear(dim, dim)
+        self.embed = nn.Linear(dim, n * dim)
         variants = variants if variants is not None else [{}, {}, {"rows_first": True}]
         self.blocks = nn.ModuleList([PaperStyleMHC(dim, n, **v) for v in variants])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        X = self.embed(x).unsqueeze(-2).expand(-1, -1, self.n, -1)
+        X = self.embed(x).unflatten(-1, (self.n, -1))
         for block in self.blocks:
             X = block(X)
         return X.flatten(-2)

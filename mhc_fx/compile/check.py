@@ -108,7 +108,7 @@ def stop_gradient(region: list[fx.Node], replaced: list[fx.Node], modes: dict[fx
     ``no_grad``/``inference_mode``), or None."""
     for node in region:
         if node.target in _STOP_GRADIENT:
-            return f"a stop-gradient ({node.name}: detach or .data) inside the region; the fused op has none"
+            return f"a stop-gradient inside the region ({node.name}: detach or .data of {node.args[0].name}); the fused op has none"
     for node in replaced:
         for user in node.users:
             if user.target in _STOP_GRADIENT:
