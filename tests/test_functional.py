@@ -6,7 +6,26 @@ import torch
 from mhc_fx.nn import HCConnection, MHCConnection, functional as MF, post_res_mix
 from mhc_fx.nn.connections import PRESERVE_RES_DIAGONAL, preserve_pre_weights
 
+from mhc_fx.kernels import cpu_path, runtime
+
 from .conftest import rel_err
+
+
+def division_sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """The paper's form: ``exp(L − max)``, then divide by column sums, then by row sums."""
+    M = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    for _ in range(iters):
+        M = M / M.sum(-2, keepdim=True)
+        M = M / M.sum(-1, keepdim=True)
+    return M
+
+
+def wide_logits(spread: float, n: int = 4, T: int = 8) -> torch.Tensor:
+    """Logits whose columns underflow in ``exp(L − max)``: each matrix has one entry at
+    ``spread`` and the rest near 0 (the shape training reaches at large learning rates)."""
+    logits = torch.randn(T, n, n)
+    logits[:, 0, 0] += spread
+    return logits
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
@@ -32,6 +51,49 @@ def test_sinkhorn_matches_unstabilised_definition():
         M = M / M.sum(-2, keepdim=True)
         M = M / M.sum(-1, keepdim=True)
     assert rel_err(MF.sinkhorn(logits, 7), M) <= 1e-12
+
+
+def test_log_domain_equals_the_division_form_at_ordinary_logits():
+    logits = 2.0 * torch.randn(64, 4, 4)
+    exact = division_sinkhorn(logits.double(), 20)
+    assert rel_err(MF.sinkhorn(logits.double(), 20), exact) <= 1e-12  # the same function
+    assert rel_err(MF.sinkhorn(logits, 20), exact) <= 1e-6  # fp32 results unchanged within fp32
+
+
+@pytest.mark.parametrize("spread", [200.0, 1e4])  # fp32 exp underflows below ~e^-103
+def test_sinkhorn_stays_finite_where_the_division_form_divides_zero_by_zero(spread):
+    logits = wide_logits(spread).requires_grad_()
+    assert division_sinkhorn(logits, 20).isnan().any()  # what the paper's form gives here
+    H = MF.sinkhorn(logits, 20)
+    assert H.isfinite().all() and (H >= 0).all()
+    assert (H.sum(-1) - 1).abs().max() <= 1e-5
+    exact = MF.sinkhorn(logits.detach().double(), 20)
+    assert rel_err(H, exact) <= 1e-5
+    G = torch.randn_like(H)
+    (grad,) = torch.autograd.grad(H, logits, G)
+    assert grad.isfinite().all()
+    closed_form = cpu_path.sinkhorn_backward(logits.detach(), G, 20)
+    assert closed_form.isfinite().all() and rel_err(closed_form, grad) <= 1e-5
+
+
+@pytest.mark.parametrize("path", ["reference", "auto"])  # auto: the Triton kernels, interpreted here
+def test_fused_ops_stay_finite_at_logits_spread_by_1e4(path):
+    if path == "auto" and not runtime.use_triton(torch.empty(0)):
+        pytest.skip("the Triton kernels run on CPU only under TRITON_INTERPRET=1")
+    n, C, T = 4, 16, 5
+    K = n * n + 2 * n
+    X = torch.randn(T, n, C, requires_grad=True)
+    phi = (0.1 * torch.randn(n * C, K)).requires_grad_()
+    alpha = torch.ones(3, requires_grad=True)
+    bias = torch.zeros(K)
+    bias[2 * n] = 1e4  # res logit (0, 0) of every token
+    bias = bias.requires_grad_()
+    outs = torch.ops.mhc_fx.mhc_pre(X, phi, alpha, bias, 20, 1e-6, path)
+    assert all(o.isfinite().all() for o in outs)
+    grads = torch.autograd.grad(outs, (X, phi, alpha, bias), [torch.randn_like(o) for o in outs])
+    assert all(g.isfinite().all() for g in grads)
+    ref = cpu_path.mhc_pre(X.detach().double(), phi.detach().double(), alpha.detach().double(), bias.detach().double(), 20, 1e-6)
+    assert all(rel_err(o, r) <= 1e-5 for o, r in zip(outs, ref))
 
 
 def test_mhc_coefficients_ranges_and_rms_reorder():
