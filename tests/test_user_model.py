@@ -41,17 +41,35 @@ def _off_init(model):
                 p.add_(0.3 * torch.randn_like(p))
 
 
-def _oracle(ref, conns, x, n):
-    """The n-stream forward from docs/math.md, in float64: expand, then per block the mHC
-    coefficients, h = H_pre·X, y = F(h), X = H_res·X + H_postᵀ·y; the mean at the end.
-    ``ref``: a float64 copy of the converted model (its branches); ``conns``: its connections."""
-    X = x.double().unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1])
-    for k, conn in enumerate(conns):
+def _n_streams(x, conns, branches, n):
+    """The n-stream forward from docs/math.md: expand ``x [..., C]`` to n streams, then per block
+    the mHC coefficients, h = H_pre·X, y = F(h), X = H_res·X + H_postᵀ·y; the mean at the end.
+    ``conns``: the blocks' connection modules; ``branches``: their branch functions F."""
+    X = x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1])
+    for conn, branch in zip(conns, branches, strict=True):
         H_pre, H_post, H_res = MF.mhc_coefficients(X, conn.phi, conn.alpha, conn.bias, sinkhorn_iters=conn.sinkhorn.iters, eps=conn.eps)
         h = (H_pre.unsqueeze(-1) * X).sum(-2)
-        y = ref.branch(k, h)
+        y = branch(h)
         X = (H_res @ X) + H_post.unsqueeze(-1) * y.unsqueeze(-2)
-    return ref.head(X.mean(-2))
+    return X.mean(-2)
+
+
+def _oracle(ref, conns, x, n):
+    """:func:`_n_streams` of the hand-built ``Stack`` in float64 (``ref``: a float64 copy of the
+    converted model, for its branches; ``conns``: its connections)."""
+    branches = [lambda h, k=k: ref.branch(k, h) for k in range(len(conns))]
+    return ref.head(_n_streams(x.double(), conns, branches, n))
+
+
+def _gpt2_oracle(ref, conns, ids, n):
+    """:func:`_n_streams` of a Hugging Face GPT-2 (eval): embeddings, per layer the attention and
+    the MLP branch (each after its own LayerNorm), then ln_f and the LM head."""
+    tr = ref.transformer
+    x = tr.wte(ids) + tr.wpe(torch.arange(ids.shape[1]))
+    branches = []
+    for block in tr.h:
+        branches += [lambda h, b=block: b.attn(b.ln_1(h))[0], lambda h, b=block: b.mlp(b.ln_2(h))]
+    return ref.lm_head(tr.ln_f(_n_streams(x, conns, branches, n)))
 
 
 def test_off_init_matches_an_n_stream_loop_written_from_the_math():
@@ -74,6 +92,29 @@ def test_off_init_matches_an_n_stream_loop_written_from_the_math():
     ref_grads = dict(oracle_model.named_parameters())
     for name, p in model.named_parameters():
         assert rel_err(p.grad, ref_grads[name].grad) <= 1e-4, name
+
+
+def test_off_init_gpt2_matches_an_n_stream_loop_written_from_the_math():
+    pytest.importorskip("transformers")
+    from .real_models import REAL_MODELS
+
+    factory, example, _ = REAL_MODELS["hf-gpt2"]
+    model = factory().eval()
+    ids = example(2)[1]["input_ids"]
+    original = copy.deepcopy(model)
+    mhc_fx.convert(model, (), {"input_ids": ids, "use_cache": False}, n=4, sinkhorn_iters=7)
+    conns = [model.get_submodule(b.module) for b in mhc_fx.report(model).blocks]
+    assert len(conns) == 4  # attention and MLP of 2 layers
+    with torch.no_grad():  # the oracle is the original model's function at init (checks the oracle)
+        assert rel_err(_gpt2_oracle(original, conns, ids, 4), original(ids).logits) <= 1e-5
+    _off_init(model)
+    with torch.no_grad():
+        for batch, length in [(2, 12), (1, 1), (3, 5)]:
+            ids = torch.randint(0, 128, (batch, length))
+            out = model(input_ids=ids, use_cache=False).logits
+            ref = _gpt2_oracle(model, conns, ids, 4)
+            assert rel_err(out, ref) <= 1e-5, (batch, length)
+            assert rel_err(out, original(ids).logits) > 1e-2  # off init: another function
 
 
 def test_in_place_same_classes_hooks_modes_and_casts():
