@@ -131,19 +131,17 @@ def _post_res_bwd(
 
 
 def _grid(T: int) -> tuple[int]:
+    """One program per ``BLOCK_T`` tokens."""
     return (triton.cdiv(T, runtime.BLOCK_T),)
 
 
 def post_res_fwd(X: torch.Tensor, y: torch.Tensor, H_post: torch.Tensor, H_res: torch.Tensor) -> torch.Tensor:
     """``X_next [T, n, C]`` (X's dtype) from contiguous ``X [T, n, C]``, ``y [T, C]`` and
     coefficients ``H_post [T, n]``, ``H_res [T, n, n]`` in the compute dtype."""
-    T, n, C = X.shape
+    T, C = X.shape[0], X.shape[2]
     out = runtime.new_output(X.shape, X.dtype, X.device)
     if T:
-        _post_res_fwd[_grid(T)](
-            X, y, H_post, H_res, out, T, C,
-            N=n, NP=runtime.stream_tile(n), BT=runtime.BLOCK_T, BC=runtime.channel_block(n, C),
-        )
+        _post_res_fwd[_grid(T)](X, y, H_post, H_res, out, T, C, **runtime.launch_for("post_res_fwd", X).kwargs())
         runtime.count("post_res_fwd")
     return out
 
@@ -152,14 +150,13 @@ def post_res_bwd(
     X: torch.Tensor, y: torch.Tensor, H_post: torch.Tensor, H_res: torch.Tensor, grad: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dX [T, n, C], dy [T, C], dH_post [T, n], dH_res [T, n, n])`` for ``grad = ∂L/∂X_next``."""
-    T, n, C = X.shape
+    T, C = X.shape[0], X.shape[2]
     dX, dy = runtime.new_output(X.shape, X.dtype, X.device), runtime.new_output(y.shape, y.dtype, y.device)
     dH_post = runtime.new_output(H_post.shape, H_post.dtype, X.device)
     dH_res = runtime.new_output(H_res.shape, H_res.dtype, X.device)
     if T:
         _post_res_bwd[_grid(T)](
-            X, y, H_post, H_res, grad, dX, dy, dH_post, dH_res, T, C,
-            N=n, NP=runtime.stream_tile(n), BT=runtime.BLOCK_T, BC=runtime.channel_block(n, C),
+            X, y, H_post, H_res, grad, dX, dy, dH_post, dH_res, T, C, **runtime.launch_for("post_res_bwd", X).kwargs()
         )
         runtime.count("post_res_bwd")
     return dX, dy, dH_post, dH_res

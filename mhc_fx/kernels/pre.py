@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .post_res import _coef_tile, _mix, _program_tokens, _store_stream_tile, _stream_tile, _token_tile
+from .post_res import _coef_tile, _grid, _mix, _program_tokens, _store_stream_tile, _stream_tile, _token_tile
 from .cpu_path import gate_and_bias_grads
 
 
@@ -367,14 +367,6 @@ def _pre_bwd_phi(
 # ---------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------
-def _tiles(X: torch.Tensor) -> dict[str, object]:
-    T, n, C = X.shape
-    return dict(
-        N=n, NP=runtime.stream_tile(n), W=runtime.COEF_WIDTH, RP=runtime.res_tile(n), K=n * n + 2 * n,
-        BT=runtime.BLOCK_T, BC=runtime.channel_block(n, C), PREC=runtime.compute_precision(X.dtype),
-    )
-
-
 def _coefficient_outputs(X: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, ...]:
     T, n, C = X.shape
     new = runtime.new_output
@@ -390,7 +382,9 @@ def mhc_pre_fwd(
     T = X.shape[0]
     outs = _coefficient_outputs(X, phi.dtype)
     if T:
-        _pre_fwd[(triton.cdiv(T, runtime.BLOCK_T),)](X, phi, alpha, bias, *outs, T, X.shape[2], eps, iters, **_tiles(X))
+        _pre_fwd[_grid(T)](
+            X, phi, alpha, bias, *outs, T, X.shape[2], eps, iters, **runtime.launch_for("pre_fwd", X).kwargs()
+        )
         runtime.count("mhc_pre_fwd")
     return outs
 
@@ -404,8 +398,9 @@ def post_res_pre_fwd(
     X_next = runtime.new_output(X.shape, X.dtype, X.device)
     outs = _coefficient_outputs(X, phi.dtype)
     if T:
-        _post_res_pre_fwd[(triton.cdiv(T, runtime.BLOCK_T),)](
-            X, y, H_post, H_res, phi, alpha, bias, X_next, *outs, T, X.shape[2], eps, iters, **_tiles(X)
+        _post_res_pre_fwd[_grid(T)](
+            X, y, H_post, H_res, phi, alpha, bias, X_next, *outs, T, X.shape[2], eps, iters,
+            **runtime.launch_for("post_res_pre_fwd", X).kwargs(),
         )
         runtime.count("post_res_pre_fwd")
     return (X_next, *outs)
@@ -421,8 +416,9 @@ def mhc_pre_bwd(
     dX = runtime.new_output(X.shape, X.dtype, dev)
     dht, hn, draw = (runtime.new_output((T, K), acc, dev) for _ in range(3))
     if T:
-        _pre_bwd[(triton.cdiv(T, runtime.BLOCK_T),)](
-            X, phi, alpha, bias, dh, dH_pre, dH_post, dH_res, dX, dht, hn, draw, T, C, eps, iters, **_tiles(X)
+        _pre_bwd[_grid(T)](
+            X, phi, alpha, bias, dh, dH_pre, dH_post, dH_res, dX, dht, hn, draw, T, C, eps, iters,
+            **runtime.launch_for("pre_bwd", X).kwargs(),
         )
         runtime.count("mhc_pre_bwd")
     return (dX, _phi_grad(X, draw), *gate_and_bias_grads(dht, hn, n))
@@ -431,8 +427,9 @@ def mhc_pre_bwd(
 def _phi_grad(X: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
     """``dφ [nC, K] = Σ_t vec(X_t)ᵀ draw_t``: row blocks × token splits, partials summed after."""
     T, n, C = X.shape
-    K = draw.shape[1]
-    NC, BK, BT = n * C, 64, runtime.BLOCK_T
+    launch = runtime.launch_for("pre_bwd_phi", X)
+    K, BK, BT = draw.shape[1], launch.constexprs["BK"], launch.constexprs["BT"]
+    NC = n * C
     row_blocks = triton.cdiv(NC, BK)
     token_blocks = max(1, triton.cdiv(T, BT))
     splits = min(token_blocks, max(1, runtime.parallel_programs(X.device) // row_blocks))
@@ -440,10 +437,7 @@ def _phi_grad(X: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
     splits = max(1, triton.cdiv(T, tokens_per_split))
     partial = runtime.new_output((splits, NC, K), draw.dtype, X.device)
     if T:
-        _pre_bwd_phi[(row_blocks, splits)](
-            X, draw, partial, T, NC, tokens_per_split,
-            K=K, KP=max(16, runtime.pow2(K)), BK=BK, BT=BT, PREC=runtime.compute_precision(X.dtype),
-        )
+        _pre_bwd_phi[(row_blocks, splits)](X, draw, partial, T, NC, tokens_per_split, **launch.kwargs())
         runtime.count("mhc_pre_bwd_phi")
     else:
         partial.zero_()

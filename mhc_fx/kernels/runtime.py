@@ -14,8 +14,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import importlib.util
+import dataclasses
+import functools
 import os
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -150,13 +152,127 @@ def res_tile(n: int) -> int:
     return max(pow2(n), 4)
 
 
-def channel_block(n: int, channels: int, budget: int = 256) -> int:
-    """Channels per step ``BC`` so that a ``[BLOCK_T, NP, BC]`` tile holds ~``budget``·16 values;
+def channel_block(n: int, channels: int, budget: int = 256, floor: int = 1) -> int:
+    """Channels per step ``BC``: ~``budget / NP`` (a ``[BLOCK_T, NP, BC]`` tile of ~``budget``·16
+    values) but at least ``floor``, at most the channels rounded up to a power of two; and
     ``NP·BC ≥ 16`` for ``tl.dot``."""
-    return max(16 // stream_tile(n), min(pow2(channels), budget // stream_tile(n)))
+    return max(16 // stream_tile(n), min(pow2(channels), max(floor, budget // stream_tile(n))))
 
 
 def compute_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: exact for fp32/fp64 streams; TF32 for fp16/bf16 streams
     (their values are exact in TF32; φ is rounded to 10 mantissa bits, under their tolerance)."""
     return "tf32" if dtype in (torch.float16, torch.bfloat16) else "ieee"
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configurations: the one place that picks every kernel's tiles, warps and stages, for
+# the launchers and for the ahead-of-time compile test (tests/test_kernels_compile.py), which
+# compiles exactly these for sm_80 / sm_86 / sm_90 on CPU.
+# ---------------------------------------------------------------------------------------------
+class Target(NamedTuple):
+    """A CUDA device as the launch configuration sees it: compute capability (``90`` for 9.0)
+    and shared memory per block with opt-in, in bytes."""
+
+    capability: int
+    shared_memory: int
+
+
+#: Targets the compile test and ``benchmarks/kernel_resources.py`` check (H100, A100, RTX 30/40).
+TARGETS = {
+    "sm_90": Target(90, 227 * 1024),
+    "sm_80": Target(80, 163 * 1024),
+    "sm_86": Target(86, 99 * 1024),
+}
+
+#: Kernel names of :func:`launch_config` (the ``@triton.jit`` functions without the underscore).
+KERNELS = ("pre_fwd", "post_res_pre_fwd", "pre_bwd", "pre_bwd_phi", "post_res_fwd", "post_res_bwd")
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Compile-time arguments of one kernel launch: its ``tl.constexpr`` tiles, and the warps
+    and software-pipelining stages (``None``: Triton's default, as under the interpreter)."""
+
+    tiles: tuple[tuple[str, object], ...]
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    @property
+    def constexprs(self) -> dict[str, object]:
+        """The ``tl.constexpr`` arguments by name."""
+        return dict(self.tiles)
+
+    def kwargs(self) -> dict[str, object]:
+        """Keyword arguments of ``kernel[grid](...)``."""
+        extra = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        return {**self.constexprs, **{k: v for k, v in extra.items() if v is not None}}
+
+
+@functools.cache
+def _cuda_target(index: int) -> Target:
+    props = torch.cuda.get_device_properties(index)
+    return Target(10 * props.major + props.minor, props.shared_memory_per_block_optin)
+
+
+def device_target(device: torch.device) -> Target | None:
+    """The :class:`Target` of a CUDA device; ``None`` elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _pre_tiles(n: int, bc: int, dtype: torch.dtype) -> dict[str, object]:
+    return {"N": n, "NP": stream_tile(n), "W": COEF_WIDTH, "RP": res_tile(n), "K": n * n + 2 * n, "BT": BLOCK_T,
+            "BC": bc, "PREC": compute_precision(dtype)}
+
+
+def _tiles(kernel: str, n: int, channels: int, dtype: torch.dtype, budget: int, floor: int) -> dict[str, object]:
+    """The ``tl.constexpr`` arguments of ``kernel`` (channel steps: :func:`channel_block`)."""
+    bc = channel_block(n, channels, budget, floor)
+    if kernel in ("pre_fwd", "post_res_pre_fwd", "pre_bwd"):
+        return _pre_tiles(n, bc, dtype)
+    if kernel == "pre_bwd_phi":
+        K = n * n + 2 * n
+        return {"K": K, "KP": max(16, pow2(K)), "BK": 64, "BT": BLOCK_T, "PREC": compute_precision(dtype)}
+    if kernel in ("post_res_fwd", "post_res_bwd"):
+        return {"N": n, "NP": stream_tile(n), "BT": BLOCK_T, "BC": bc}
+    raise ValueError(f"mhc_fx kernels: unknown kernel {kernel!r}, expected one of {KERNELS}")
+
+
+#: On a GPU, kernel → (channel budget, num_warps, num_warps for float32 streams, num_stages),
+#: chosen from the compiled resources (benchmarks/kernel_resources.py, docs/kernels.md). The
+#: pre-side kernels step over 64 rows of φ (128 at n = 8) with 2 stages: Triton's cp.async
+#: double buffer of the three φ tiles and the X tile then takes 18–69 KiB of shared memory
+#: (3 stages of 256 rows took 128–252 KiB: one program per SM, over the limit at n = 8), and
+#: registers stay ≤ 168 without spills for n ≤ 4 (1 stage keeps the loads in registers and
+#: spills). float32 streams hold twice the bytes per tile: 8 warps where 4 spilled a few bytes.
+_GPU_TUNING = {
+    "pre_fwd": (64, 4, 4, 2),
+    "post_res_pre_fwd": (64, 4, 8, 2),
+    "pre_bwd": (64, 4, 8, 2),
+    "pre_bwd_phi": (256, 4, 4, 3),  # no channel steps: 64 rows of φ × 16 tokens per step
+    "post_res_fwd": (128, 4, 4, 3),
+    "post_res_bwd": (64, 4, 8, 3),
+}
+#: On a GPU, at least 16 channels per step: a 32-byte sector of a bf16 row of X per (token, stream).
+_GPU_MIN_CHANNELS = 16
+
+
+def launch_config(kernel: str, n: int, channels: int, dtype: torch.dtype, target: Target | None) -> Launch:
+    """Tiles, warps and stages of ``kernel`` (a name of :data:`KERNELS`) for ``X [T, n, C]`` of
+    ``dtype`` on ``target`` (``None``: the interpreter, which ignores warps and stages).
+
+    Every target gets the same configuration (it fits 99 KiB of shared memory); ``target`` is
+    the hook for one that needs its own."""
+    if target is None:
+        return Launch(tuple(_tiles(kernel, n, channels, dtype, 256, 1).items()))
+    budget, warps, fp32_warps, stages = _GPU_TUNING[kernel]
+    warps = fp32_warps if dtype == torch.float32 else warps
+    return Launch(tuple(_tiles(kernel, n, channels, dtype, budget, _GPU_MIN_CHANNELS).items()), warps, stages)
+
+
+def launch_for(kernel: str, X: torch.Tensor) -> Launch:
+    """:func:`launch_config` of ``kernel`` for the stream ``X [T, n, C]`` on its device."""
+    _, n, C = X.shape
+    return launch_config(kernel, n, C, X.dtype, device_target(X.device))
