@@ -11,8 +11,8 @@ projection φ ``[nC, n²+2n]``, gates, 20 log-domain Sinkhorn iterations, ``H_pr
 ``reduce_streams`` after. It is built on the meta device; its call on an input ``[B, T, C]`` is
 traced to pre-dispatch ATen by ``make_fx`` under a ``FakeTensorMode``, the parameters (fake, with
 ``requires_grad``) being graph inputs, as the ``mhc`` backend's ``to_aten`` gives it a Dynamo
-graph. ``fuse_mhc`` then runs on it as ``MHCBackend.__call__`` calls it, with a ``refresh_meta``
-that re-propagates the fake values (``FakeTensorProp``, as ``to_aten`` builds it).
+graph. ``fuse_mhc`` then runs on it as ``MHCBackend.__call__`` calls it (the pass gives the
+nodes it inserts their fake values itself, and runs its checks on one thread).
 
 Figures per size:
 
@@ -30,9 +30,8 @@ Figures per size:
   and the growth of ``ru_maxrss`` (0 when the run stays under the process's earlier peak).
 
 A 2-layer pass runs first so that one-time process costs (lazy imports, dispatch caches) are
-not charged to the first size. ``--threads`` sets ``torch.set_num_threads`` (default 1: the
-check's tensors have a few tokens, and intra-op threads only add overhead there — on a loaded
-machine, oversubscription costs seconds).
+not charged to the first size. ``--threads`` sets ``torch.set_num_threads`` for the tracing
+(the pass itself checks on one thread whatever it is).
 """
 
 from __future__ import annotations
@@ -55,7 +54,6 @@ from rich.table import Table
 from torch import nn
 from torch._subclasses import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from mhc_fx.compile.fuse import fuse_mhc
 from mhc_fx.kernels import custom_ops  # noqa: F401  (registers torch.ops.mhc_fx)
@@ -126,13 +124,9 @@ class Case:
         with torch.fx.traceback.preserve_node_meta(), self.mode:
             return make_fx(self.run, pre_dispatch=True)(*self.fakes)
 
-    def refresh(self, gm: torch.fx.GraphModule) -> None:
-        with self.mode:
-            FakeTensorProp(gm, mode=self.mode).propagate_dont_convert_inputs(*self.fakes)
-
     def fuse(self, gm: torch.fx.GraphModule, grad: bool):
         with torch.set_grad_enabled(grad):
-            return fuse_mhc(gm, self.refresh, cross_layer=True, cpu_path=CPU_PATH)
+            return fuse_mhc(gm, cross_layer=True, cpu_path=CPU_PATH)
 
 
 def _rss() -> int:
@@ -227,7 +221,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=_tokens, nargs="+", default=[(8, 4096)], help="batch×sequence, e.g. 8x4096")
     parser.add_argument("--dtype", default="bfloat16", help="stream and branch dtype (connection parameters stay float32)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per size (each on a fresh trace)")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
     parser.add_argument("--inference", action="store_true", help="grad disabled: the checks compare forward values only")
     parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     parser.add_argument("--profile", action="store_true", help="cProfile one pass of the last size: top 10 by cumulative and by own time")

@@ -8,7 +8,7 @@ Stages (one subpackage each): :mod:`mhc_fx.nn` (the math and the connection modu
 backend), :mod:`mhc_fx.export` (ONNX).
 """
 
-from . import kernels  # registers torch.ops.mhc_fx (fused connections call them)
+from . import kernels  # noqa: F401  (registers torch.ops.mhc_fx: fused connections call them)
 from .compile.report import FusionReport, fusion_reports
 from .config import MHCConfig
 from .convert import BlockReport, CaptureRecord, ConversionReport, convert, find_residuals, is_converted, report

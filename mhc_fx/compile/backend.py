@@ -112,9 +112,9 @@ class MHCBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list):
         opts = self.options
-        aten_gm, refresh = to_aten(gm, example_inputs)
+        aten_gm = to_aten(gm, example_inputs)
         cpu = "compiled_reference" if opts.compile_cpu_ops else "reference"
-        report = fuse_mhc(aten_gm, refresh, cross_layer=opts.cross_layer, cpu_path=cpu)
+        report = fuse_mhc(aten_gm, cross_layer=opts.cross_layer, cpu_path=cpu)
         patches = dict(torch._inductor.list_mode_options(self.mode)) if self.mode else {}
         patches.update(opts.inductor)
         if opts.recompute:

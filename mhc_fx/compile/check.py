@@ -120,13 +120,23 @@ def stop_gradient(region: list[fx.Node], replaced: list[fx.Node], modes: dict[fx
     return None
 
 
-def random_value(node: fx.Node, seed: int, tokens: TokenSlice | None = None) -> torch.Tensor:
-    """Standard normal values shaped like ``node``'s value (token dims cut by ``tokens``)."""
-    val = tensor_meta(node)
-    s = shape(node)
-    s = tokens.shape(s) if tokens is not None else s
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(s, generator=generator, dtype=torch.float64).to(device=val.device, dtype=val.dtype)
+class Draws:
+    """The random check values of one fusion pass: standard normal values shaped like a node's
+    value (token dims cut by a :class:`TokenSlice`), drawn once per shape, dtype, device and
+    ``seed`` — the blocks of a model share them — and handed out as copies (a graph may mutate
+    its inputs). They live as long as the pass."""
+
+    def __init__(self) -> None:
+        self._drawn: dict[tuple, torch.Tensor] = {}
+
+    def like(self, node: fx.Node, seed: int, tokens: TokenSlice | None = None) -> torch.Tensor:
+        val = tensor_meta(node)
+        s = tokens.shape(shape(node)) if tokens is not None else shape(node)
+        key = (s, val.dtype, val.device, seed)
+        if key not in self._drawn:
+            generator = torch.Generator().manual_seed(seed)
+            self._drawn[key] = torch.randn(s, generator=generator).to(device=val.device, dtype=val.dtype)
+        return self._drawn[key].clone()
 
 
 def evaluate(

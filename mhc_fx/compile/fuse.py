@@ -16,14 +16,20 @@ Whatever fails a check stays as it was, with the reason in the :class:`FusionRep
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
+from typing import Iterator
 
 import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.fx.node import map_arg
+from torch.utils import _pytree as pytree
 
 from ..convert.graph_ops import tensor_meta
 from ..kernels import runtime
+from . import check
 from .check import grad_modes
 from .cross_layer import insert_op, merge_cross_layer
 from .match_post import match_post
@@ -40,30 +46,49 @@ def _existing(graph: fx.Graph) -> Counter:
     return Counter(names[n.target] for n in graph.nodes if n.target in names)
 
 
-def _place(new: list[fx.Node], position: float) -> None:
-    """Give nodes just inserted (and the new nodes they read) a graph position: later
-    candidates' bounded walks compare positions."""
-    todo = list(new)
-    while todo:
-        node = todo.pop()
-        if "_order" not in node.meta:
-            node.meta["_order"] = position
-            todo += node.all_input_nodes
+def _settle(new: list[fx.Node], position: float) -> None:
+    """Give nodes just inserted (and the new nodes they read) a graph position — later
+    candidates' bounded walks compare positions — and their fake value ``meta["val"]``,
+    computed from their inputs' (nothing else in the graph changed, so nothing else is
+    re-propagated)."""
+    for node in new:
+        if "_order" in node.meta:
+            continue
+        node.meta["_order"] = position
+        _settle(node.all_input_nodes, position)
+        args, kwargs = map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
+        with detect_fake_mode(pytree.tree_leaves((args, kwargs))) or contextlib.nullcontext():
+            node.meta["val"] = node.target(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """The checks' tensors hold a few tokens: intra-op threads cost more than they save (and
+    spin when the cores are busy, as during a compile)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def fuse_mhc(
-    gm: fx.GraphModule, refresh_meta, cross_layer: bool = True, grad_enabled: bool | None = None,
-    cpu_path: str = "compiled_reference",
+    gm: fx.GraphModule, cross_layer: bool = True, grad_enabled: bool | None = None, cpu_path: str = "compiled_reference",
 ) -> FusionReport:
     """Fuse every verified mHC pre side, its mixing, and (``cross_layer``) adjacent
-    post_res + pre pairs in ``gm`` (a pre-dispatch ATen graph with ``meta["val"]`` on its
-    nodes), in place. ``refresh_meta(gm)`` recomputes ``meta["val"]`` after a rewrite;
-    ``grad_enabled`` is the grad mode the graph runs in (default: the current one). Each fused
-    op is pinned to a path (:func:`mhc_fx.kernels.runtime.pinned_path`): the Triton kernels
-    where they run, else ``cpu_path``."""
+    post_res + pre pairs in ``gm`` (a pre-dispatch ATen graph with fake ``meta["val"]`` on its
+    nodes), in place. ``grad_enabled`` is the grad mode the graph runs in (default: the
+    current one). Each fused op is pinned to a path (:func:`mhc_fx.kernels.runtime.pinned_path`):
+    the Triton kernels where they run, else ``cpu_path``."""
+    with _one_thread():
+        return _fuse(gm, cross_layer, torch.is_grad_enabled() if grad_enabled is None else grad_enabled, cpu_path)
+
+
+def _fuse(gm: fx.GraphModule, cross_layer: bool, enabled: bool, cpu_path: str) -> FusionReport:
     start = time.perf_counter()
-    enabled = torch.is_grad_enabled() if grad_enabled is None else grad_enabled
     graph = gm.graph
+    draws = check.Draws()
     report = FusionReport(existing=_existing(graph))
     number(graph)
     modes = grad_modes(graph, enabled)
@@ -71,7 +96,7 @@ def fuse_mhc(
     report.unfused += rejected
     pres = []  # (mhc_pre op node, match)
     for chain in chains:
-        match = match_pre(gm, chain, modes)
+        match = match_pre(gm, chain, modes, draws)
         if isinstance(match, Unfused):
             report.unfused.append(match)
             continue
@@ -81,7 +106,7 @@ def fuse_mhc(
         path = runtime.pinned_path(tensor_meta(match.X).device, cpu_path)
         args = (match.X, *params, match.iters, match.eps, path)
         outs = insert_op(graph, first, torch.ops.mhc_fx.mhc_pre.default, args, 4)
-        _place(outs, order(first) - 0.5)
+        _settle(outs, order(first) - 0.5)
         for i, nodes in match.outputs.items():
             for node in nodes:
                 node.replace_all_uses_with(outs[i])
@@ -90,14 +115,13 @@ def fuse_mhc(
         if missing:
             report.unfused.append(Unfused("pre", match.owner, f"{'/'.join(missing)} computed outside the fused op (no node equals it)"))
     graph.eliminate_dead_code()
-    refresh_meta(gm)
     number(graph)
     modes = grad_modes(graph, enabled)
     posts = {}  # pre op node → post_res op node
     for op, match in pres:
         H_post, H_res = (u for u in sorted(op.users, key=lambda u: u.args[1]) if u.args[1] in (2, 3))
         X = op.args[0]  # the stream as it is now (an earlier block's mixing may have been replaced)
-        post = match_post(gm, X, H_post, H_res, modes)
+        post = match_post(gm, X, H_post, H_res, modes, draws)
         if isinstance(post, str):
             report.unfused.append(Unfused("post_res", match.owner, post))
             continue
@@ -108,12 +132,10 @@ def fuse_mhc(
         modes[new] = modes[post.X_next]
         posts[op] = new
     graph.eliminate_dead_code()
-    refresh_meta(gm)
     merged = merge_cross_layer(graph, [op for op, _ in pres]) if cross_layer else {}
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
-    refresh_meta(gm)
     for op, match in pres:
         post = posts.get(op)
         report.fused.append(Fused("post_res_pre" if op in merged else "pre", match.owner))

@@ -51,10 +51,10 @@ def _closure(target: fx.Node, sources: set[fx.Node]) -> list[fx.Node] | None:
 
 
 def match_post(
-    gm: fx.GraphModule, X: fx.Node, H_post: fx.Node, H_res: fx.Node, modes: dict[fx.Node, bool]
+    gm: fx.GraphModule, X: fx.Node, H_post: fx.Node, H_res: fx.Node, modes: dict[fx.Node, bool], draws: check.Draws
 ) -> PostMatch | str:
     """The node computing ``post_res_mix(X, y, H_post, H_res)`` for some ``y [..., C]``, or why
-    there is none."""
+    there is none (``modes``: each node's grad mode; ``draws``: the pass's random check values)."""
     s, dtype = shape(X), tensor_meta(X).dtype
     y_shape = s[:-2] + s[-1:]
     near = walk(H_res, users, lambda _: True, MIX_DEPTH)
@@ -72,7 +72,7 @@ def match_post(
             nodes = _closure(target, set(sources))
             if nodes is None:
                 continue
-            values = {u: check.random_value(u, slot, tokens) for slot, u in enumerate(sources)}
+            values = {u: draws.like(u, slot, tokens) for slot, u in enumerate(sources)}
             values[H_res] = values[H_res].abs()
             sizes = {u: tokens.size(hint) for u in nodes if (hint := size_input(u)) is not None}
             try:

@@ -190,11 +190,11 @@ def _eps_candidates(region: list[fx.Node]) -> list[float]:
     return sorted(set(found)) or [0.0]
 
 
-def _check_values(leaves: list[fx.Node], n: int, C: int) -> dict[fx.Node, torch.Tensor]:
+def _check_values(leaves: list[fx.Node], n: int, C: int, draws: check.Draws) -> dict[fx.Node, torch.Tensor]:
     """Parameter values with ``h̃`` of order one: sigmoids and Sinkhorn neither flat nor saturated."""
     values = {}
     for slot, leaf in enumerate(leaves, start=1):
-        v = check.random_value(leaf, slot)
+        v = draws.like(leaf, slot)
         if v.numel() <= 3:
             v = v.abs() + 0.5
         elif v.numel() == n * C * (n * n + 2 * n):
@@ -203,8 +203,9 @@ def _check_values(leaves: list[fx.Node], n: int, C: int) -> dict[fx.Node, torch.
     return values
 
 
-def match_pre(gm: fx.GraphModule, chain: SinkhornChain, modes: dict[fx.Node, bool]) -> PreMatch | Unfused:
-    """Verify that ``chain`` ends an mHC pre side and say which nodes ``mhc_pre`` replaces."""
+def match_pre(gm: fx.GraphModule, chain: SinkhornChain, modes: dict[fx.Node, bool], draws: check.Draws) -> PreMatch | Unfused:
+    """Verify that ``chain`` ends an mHC pre side and say which nodes ``mhc_pre`` replaces
+    (``modes``: each node's grad mode; ``draws``: the pass's random check values)."""
     who = owner([chain.start])
     X = _find_stream(chain)
     if X is None:
@@ -219,12 +220,12 @@ def match_pre(gm: fx.GraphModule, chain: SinkhornChain, modes: dict[fx.Node, boo
     maps = _parameter_maps(leaves, n, C)
     if isinstance(maps, str):
         return Unfused("pre", who, maps)
-    params = _check_values(leaves, n, C)
+    params = _check_values(leaves, n, C, draws)
     tokens = check.TokenSlice.of(shape(X))
-    runs = _forward_runs(gm, nodes, X, params, sizes, tokens)
+    runs = _forward_runs(gm, nodes, X, params, sizes, tokens, draws)
     if runs is None and math.prod(tokens.lead) <= 64:  # a graph whose shapes do not cut: small anyway
         tokens = check.TokenSlice(tokens.lead, tokens.lead)
-        runs = _forward_runs(gm, nodes, X, params, sizes, tokens)
+        runs = _forward_runs(gm, nodes, X, params, sizes, tokens, draws)
     if runs is None:
         return Unfused("pre", who, f"its shapes do not follow the token dims {list(tokens.lead)}, so it cannot be checked on a few tokens")
     best = None
@@ -247,11 +248,11 @@ def match_pre(gm: fx.GraphModule, chain: SinkhornChain, modes: dict[fx.Node, boo
     return best if reason is None else Unfused("pre", who, reason)
 
 
-def _forward_runs(gm, nodes, X, params, sizes, tokens) -> list[dict] | None:
+def _forward_runs(gm, nodes, X, params, sizes, tokens, draws) -> list[dict] | None:
     """The region on a few tokens, at two scales of X; None if its shapes do not cut."""
     runs = []
     for scale in (1.0, 1e-3):
-        env = {X: check.random_value(X, 0, tokens) * scale, **params, **{s: tokens.size(size_input(s)) for s in sizes}}
+        env = {X: draws.like(X, 0, tokens) * scale, **params, **{s: tokens.size(size_input(s)) for s in sizes}}
         try:
             with torch.no_grad():
                 env = check.evaluate(gm, nodes, env, tokens)

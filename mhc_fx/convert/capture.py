@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -22,7 +22,6 @@ from torch import nn
 from torch._guards import detect_fake_mode
 from torch.export import Dim
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
 
@@ -65,9 +64,9 @@ def _without_input_guards(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def to_aten(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, Callable[[fx.GraphModule], None]]:
-    """``gm`` (a Dynamo graph) traced to pre-dispatch ATen, with ``meta["val"]`` on every node
-    and the source's ``nn_module_stack``; and a function that refreshes that metadata."""
+def to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
+    """``gm`` (a Dynamo graph) traced to pre-dispatch ATen, with ``meta["val"]`` (fake tensors)
+    on every node and the source's ``nn_module_stack``."""
     fake_mode = detect_fake_mode(example_inputs) or torch._subclasses.FakeTensorMode()
     fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
 
@@ -75,13 +74,7 @@ def to_aten(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, C
         return _GradientAwareInterpreter(gm).run(*args)
 
     with torch.fx.traceback.preserve_node_meta(), fake_mode:
-        aten_gm = make_fx(run, pre_dispatch=True)(*fakes)
-
-    def refresh(module: fx.GraphModule) -> None:
-        with fake_mode:
-            FakeTensorProp(module, mode=fake_mode).propagate_dont_convert_inputs(*fakes)
-
-    return aten_gm, refresh
+        return make_fx(run, pre_dispatch=True)(*fakes)
 
 
 class _GradientAwareInterpreter(fx.Interpreter):

@@ -136,7 +136,7 @@ def capture_once(model: nn.Module, args: tuple, kwargs: dict, feature_dim: int |
     seen: dict[str, Analysis] = {}
 
     def backend(gm: fx.GraphModule, example_inputs: list):
-        aten, _ = to_aten(gm, example_inputs)
+        aten = to_aten(gm, example_inputs)
         seen["analysis"] = analyse(aten, feature_dim, parameter_placeholders(aten, example_inputs))
         return gm.forward
 

@@ -187,7 +187,7 @@ class ConvertedForward:
         mode = (self.model.training, torch.is_grad_enabled(), "eager" if backend is None else _backend_name(backend))
         previous = self.report.captures[-1] if self.report.captures else None
         record = CaptureRecord(inputs, *mode, reason=_reason(previous, inputs, *mode))
-        aten, _ = to_aten(gm, example_inputs)
+        aten = to_aten(gm, example_inputs)
         a = analyse(aten, self.config.feature_dim, parameter_placeholders(aten, example_inputs))
         rewrite_graph(aten, a, self.plan, self.model, f"{type(self.model).__name__} called with {record}")
         self.report.captures.append(record)
