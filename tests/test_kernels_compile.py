@@ -21,7 +21,7 @@ from mhc_fx.kernels import aot, runtime
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from mhc_fx.kernels.post_res import _program_tokens, _stream_offsets  # noqa: E402  (interpreted on CPU)
+from mhc_fx.kernels.tiles import _program_tokens, _stream_offsets  # noqa: E402  (interpreted on CPU)
 
 needs_toolchain = pytest.mark.skipif(
     not aot.toolchain_available(), reason="Triton's NVIDIA backend (ptxas) is not installed"

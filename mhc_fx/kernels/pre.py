@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .post_res import _coef_tile, _grid, _mix, _program_tokens, _store_stream_tile, _stream_tile, _token_tile
+from .tiles import _coef_tile, _grid, _mix, _program_tokens, _store_stream_tile, _stream_tile, _token_tile
 from .cpu_path import gate_and_bias_grads
 
 
