@@ -49,8 +49,7 @@ def tolerance(dtype: torch.dtype) -> float:
 @dataclasses.dataclass(frozen=True)
 class TokenSlice:
     """The token dims ``lead`` of a stream ``[*lead, n, C]`` and the ``few`` a check uses:
-    shapes and sizes in the region are rewritten from one to the other (a leading ``lead``
-    prefix, or a first dim of ``prod(lead)`` tokens flattened together)."""
+    shapes and sizes in the region are rewritten from one to the other (see :meth:`shape`)."""
 
     lead: tuple[int, ...]
     few: tuple[int, ...]
@@ -65,11 +64,17 @@ class TokenSlice:
         return self.lead == self.few
 
     def shape(self, s: tuple[int, ...] | list) -> tuple[int, ...]:
+        """``s`` with its token dims cut: a leading ``lead`` (token layout ``[*lead, ...]``),
+        the batch first and the spatial dims last (channel-first ``[B, ..., H, W]`` of a
+        convolution net, whose stream is ``[B, H, W, n, C]`` in token layout), or the tokens
+        flattened into the first dim."""
         s, k = tuple(s), len(self.lead)
         if self.identity or not s:
             return s
         if k and s[:k] == self.lead:
             return self.few + s[k:]
+        if k > 1 and len(s) > k and s[0] == self.lead[0] and s[len(s) - k + 1 :] == self.lead[1:]:
+            return self.few[:1] + s[1 : len(s) - k + 1] + self.few[1:]
         if k > 1 and s[0] == math.prod(self.lead):
             return (math.prod(self.few),) + s[1:]
         return s
