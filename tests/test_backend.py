@@ -223,19 +223,27 @@ def test_model_without_mhc_compiles_unchanged_and_says_so():
     assert not report.fused and "no Sinkhorn chain in this graph" in str(report)
 
 
-def test_channel_first_pre_sides_are_checked_on_a_few_tokens(monkeypatch):
+def test_channel_first_blocks_are_checked_on_a_few_tokens_and_fused(monkeypatch):
     """A convolution net's stream is ``[B, n, C, H, W]``: its pre sides (token layout
     ``[B, H, W, n, C]`` inside) are cut to a few tokens for the check like a token model's —
-    here 2×16×16 = 512 tokens, more than are ever checked at full size — and fused."""
+    here 2×16×16 = 512 tokens, more than are ever checked at full size — and its mixing, which
+    takes the stream into token layout through its own (equal) permute, is matched too."""
     from .models import TinyResNet
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the compiled reference path: fast enough for 512 tokens
     x = torch.randn(2, 3, 16, 16)
     model = mhc_fx.convert(TinyResNet().eval(), (x,), n=4, sinkhorn_iters=ITERS)
     _randomize_connections(model)
-    with torch.no_grad():
-        out, ref = torch.compile(model, backend="mhc")(x), model(x)
+    model(x).square().mean().backward()
+    eager = _grads(model)
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, backend="mhc")
+    out = compiled(x)
+    out.square().mean().backward()
     (report,) = mhc_fx.fusion_reports(model)
-    assert report.num_pre == mhc_fx.report(model).num_blocks == 3, str(report)
-    assert not any("token dims" in u.reason for u in report.unfused), str(report)
-    assert rel_err(out, ref) <= 1e-5
+    blocks = mhc_fx.report(model).num_blocks
+    assert blocks == 3 and report.num_pre == report.num_post_res == blocks and not report.unfused, str(report)
+    assert rel_err(out, model(x)) <= 1e-5
+    assert _grads(model).keys() == eager.keys()
+    for name, ref in eager.items():
+        assert rel_err(_grads(model)[name], ref) <= 1e-4, name

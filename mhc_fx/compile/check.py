@@ -186,6 +186,7 @@ def vjp_mismatch(
     gm: fx.GraphModule, nodes: list[fx.Node], inputs: dict[fx.Node, torch.Tensor],
     outputs: list[tuple[fx.Node, int]], reference: Callable[[list[torch.Tensor]], list[torch.Tensor]],
     tokens: TokenSlice, modes: dict[fx.Node, bool], names: dict[fx.Node, str], constants: dict[fx.Node, object],
+    copies: dict[fx.Node, fx.Node] | None = None,
 ) -> str | None:
     """Compare the region's VJPs with the reference's for one random cotangent per replaced node.
 
@@ -194,14 +195,16 @@ def vjp_mismatch(
         outputs: ``(node, i)``: ``node`` is replaced by output ``i`` of the fused op.
         reference: the fused op's function of the inputs (in ``inputs``' order, float64).
         names: how the report names each input; constants: other values the region reads
-            (symbolic sizes).
+            (symbolic sizes); copies: nodes equal to an input (``{copy: input}``), bound to the
+            same leaf so gradients through either reach it.
 
     Returns:
         None when every input's gradient agrees (``GRADIENT_TOLERANCE``), else why not.
     """
     keys = list(inputs)
     leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in inputs.items()}
-    env = evaluate(gm, nodes, {**constants, **leaves}, tokens, modes)
+    env = {**constants, **leaves, **{c: leaves[k] for c, k in (copies or {}).items()}}
+    env = evaluate(gm, nodes, env, tokens, modes)
     generator = torch.Generator().manual_seed(len(outputs))
     cotangents = {node: torch.randn(env[node].shape, generator=generator, dtype=torch.float64) for node, _ in outputs}
     loss = sum((env[node] * cotangents[node].to(env[node].dtype)).sum() for node, _ in outputs if env[node].requires_grad)

@@ -1,7 +1,8 @@
 """Match the mixing ``X_next = H_res·X + H_postᵀ·y`` of a fused pre side.
 
 The candidate is the nearest node below ``H_res`` and ``H_post`` with the stream's shape that
-is computed from ``X``, ``H_post``, ``H_res`` and one ``[..., C]`` tensor ``y`` alone (within
+is computed from ``X`` (or an equal view of the same tensor), ``H_post``, ``H_res`` and one
+``[..., C]`` tensor ``y`` alone (within
 :data:`MIX_DEPTH` ops); it is accepted when, on a few tokens, its values and VJPs equal
 :func:`mhc_fx.nn.functional.post_res_mix`'s (:mod:`mhc_fx.compile.check`).
 """
@@ -50,6 +51,16 @@ def _closure(target: fx.Node, sources: set[fx.Node]) -> list[fx.Node] | None:
     return None
 
 
+def _copies(X: fx.Node) -> list[fx.Node]:
+    """Other nodes computing exactly ``X``: the same view op with the same arguments (a
+    convolution net's connection takes the stream into token layout once for its pre side and
+    once for its mixing — two equal ``permute`` nodes)."""
+    if not isinstance(X.target, torch._ops.OpOverload) or not X.target.is_view or not X.all_input_nodes:
+        return []
+    base = X.all_input_nodes[0]
+    return [u for u in base.users if u is not X and u.target is X.target and u.args == X.args and u.kwargs == X.kwargs]
+
+
 def match_post(
     gm: fx.GraphModule, X: fx.Node, H_post: fx.Node, H_res: fx.Node, modes: dict[fx.Node, bool], draws: check.Draws
 ) -> PostMatch | str:
@@ -60,16 +71,17 @@ def match_post(
     near = walk(H_res, users, lambda _: True, MIX_DEPTH)
     after_post = walk(H_post, users, lambda _: True, MIX_DEPTH)
     tokens = check.TokenSlice.of(s)
+    copies = {u: X for u in _copies(X)}
     reason = "no node computes H_res·X + H_postᵀ·y from this block's coefficients"
     for target in sorted((u for u in near if u in after_post and shape(u) == s), key=order):
         if tensor_meta(target).dtype != dtype:
             continue
         back = walk(target, inputs, lambda _: True, MIX_DEPTH)
         for y in sorted(back, key=lambda u: back[u]):
-            if y in (X, H_post, H_res) or shape(y) != y_shape or y in near:
+            if y in (X, H_post, H_res) or y in copies or shape(y) != y_shape or y in near:
                 continue
             sources = (X, y, H_post, H_res)
-            nodes = _closure(target, set(sources))
+            nodes = _closure(target, {*sources, *copies})
             if nodes is None:
                 continue
             values = {u: draws.like(u, slot, tokens) for slot, u in enumerate(sources)}
@@ -77,7 +89,8 @@ def match_post(
             sizes = {u: tokens.size(hint) for u in nodes if (hint := size_input(u)) is not None}
             try:
                 with torch.no_grad():
-                    value = check.evaluate(gm, nodes, {**values, **sizes}, tokens)[target]
+                    env = {**values, **sizes, **{c: values[X] for c in copies}}
+                    value = check.evaluate(gm, nodes, env, tokens)[target]
             except RuntimeError:
                 continue
             exact = [values[u].to(torch.float64).cpu() for u in sources]
@@ -87,7 +100,7 @@ def match_post(
             if stop is None and any(modes[u] for u in nodes):
                 names = dict(zip(sources, ("the stream X", f"the branch output {y.name}", "H_post", "H_res")))
                 stop = check.vjp_mismatch(
-                    gm, nodes, values, [(target, 0)], lambda v: [Fn.post_res_mix(*v)], tokens, modes, names, sizes
+                    gm, nodes, values, [(target, 0)], lambda v: [Fn.post_res_mix(*v)], tokens, modes, names, sizes, copies
                 )
             if stop is None:
                 return PostMatch(target, y)
