@@ -243,3 +243,57 @@ def test_lora_then_convert_converts_every_block():
     plain = mhc_fx.find_residuals(_llama(), example_kwargs={"input_ids": ids}).num_blocks
     lora = peft.get_peft_model(_llama(), peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4))
     assert mhc_fx.find_residuals(lora.base_model.model, example_kwargs={"input_ids": ids}).num_blocks == plain == 4
+
+
+@pytest.mark.parametrize("name", ["timm-vit_tiny", "timm-resnet18", "hf-gpt2"])
+def test_real_model_stays_the_users_model(name):
+    """On third-party models: class and submodule classes kept, a submodule hook fires, a
+    batch-1 example then other batches, bf16/fp64 casts equal the cast original, pickle and
+    deepcopy, frozen weights convert the same blocks, and (timm ViT) the default
+    torch.compile off init equals eager."""
+    pytest.importorskip("timm" if name.startswith("timm") else "transformers")
+    from .real_models import REAL_MODELS
+
+    factory, example, _ = REAL_MODELS[name]
+    model = factory().eval()
+    with torch.no_grad():  # timm zero-inits each block's last BatchNorm: its branches would add 0
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.normal_()
+    ref = copy.deepcopy(model)
+    classes = {path: type(m) for path, m in model.named_modules()}
+    args, kwargs = example(1)
+    blocks = mhc_fx.find_residuals(copy.deepcopy(model).requires_grad_(False), args, kwargs).num_blocks
+    assert mhc_fx.convert(model, args, kwargs, n=4) is model and type(model) is type(ref)
+    assert mhc_fx.report(model).num_blocks == blocks > 0  # frozen weights are weights
+    assert all(type(model.get_submodule(path)) is cls for path, cls in classes.items())
+    leaf = next(m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    seen = []
+    hook = leaf.register_forward_hook(lambda m, a, o: seen.append(o.shape[0]))
+
+    def first(out):
+        return out.logits if hasattr(out, "logits") else out
+
+    args, kwargs = example(3)
+    with torch.no_grad():
+        assert rel_err(first(model(*args, **kwargs)), first(ref(*args, **kwargs))) <= 1e-5
+        assert 3 in seen
+        hook.remove()  # a local lambda does not pickle
+        # fp64: the init's constants are fp32 values (the H_pre weights σ(b) sum to 1 to fp32
+        # rounding), so the original function holds to that rounding after .double(): 1.3e-10 on
+        # GPT-2 and ViT (a LayerNorm at each branch input cancels the scale), 3e-8 on ResNet
+        for cast, tol in ((torch.bfloat16, 2e-2), (torch.float64, 1e-7)):
+            m, r = copy.deepcopy(model).to(cast), copy.deepcopy(ref).to(cast)
+            a = [t.to(cast) if t.is_floating_point() else t for t in args]
+            assert rel_err(first(m(*a, **kwargs)), first(r(*a, **kwargs))) <= tol, cast
+    _off_init(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    with torch.no_grad():
+        out = first(model(*args, **kwargs))
+        assert rel_err(out, first(ref(*args, **kwargs))) > 1e-3  # off init: another function
+        for other in (torch.load(buf, weights_only=False), copy.deepcopy(model)):
+            assert type(other) is type(ref) and torch.equal(first(other(*args, **kwargs)), out)
+        if name == "timm-vit_tiny":
+            assert rel_err(torch.compile(model)(*args, **kwargs), out) <= 1e-5
