@@ -297,3 +297,27 @@ def test_real_model_stays_the_users_model(name):
             assert type(other) is type(ref) and torch.equal(first(other(*args, **kwargs)), out)
         if name == "timm-vit_tiny":
             assert rel_err(torch.compile(model)(*args, **kwargs), out) <= 1e-5
+
+
+def test_a_compiled_function_calling_a_converted_model_hands_it_its_backend():
+    """``torch.compile(fn)`` where ``fn`` calls a converted model: the call is a graph break,
+    and its rewritten capture goes to fn's backend (not run eagerly); the fusion reports of
+    ``backend="mhc"`` are filed under the converted model."""
+    model = Stack()
+    x = torch.randn(2, 5, 16)
+    mhc_fx.convert(model, (x,), sinkhorn_iters=3)
+    _off_init(model)
+    eager = model(x)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    out = torch.compile(lambda t: model(t) * 2, backend=backend)(x)
+    assert rel_err(out, 2 * eager) <= 1e-6
+    assert mhc_fx.report(model).captures[-1].backend == "backend"
+    sinkhorn = torch.ops.aten.logsumexp.default  # the converted graph (the original has no Sinkhorn)
+    assert any(node.target is sinkhorn for gm in graphs for node in gm.graph.nodes)
+    torch.compile(lambda t: model(t).sum(), backend="mhc")(x)
+    assert mhc_fx.fusion_reports(model)[-1].num_pre == 3

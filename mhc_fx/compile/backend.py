@@ -37,6 +37,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 from torch._inductor.compile_fx import compile_fx
 
 from ..convert.capture import to_aten
+from ..convert.guarded import ConvertedForward
 from ..errors import ConfigError
 from ..kernels import custom_ops  # noqa: F401  (registers torch.ops.mhc_fx)
 from .fuse import fuse_mhc
@@ -88,11 +89,14 @@ class BackendOptions:
 
 
 def _compiled_model() -> nn.Module | None:
-    """The module whose call Dynamo is compiling: the innermost ``torch.compile(model)``
-    wrapper (or ``model.compile()``d module) on the Python stack, None for a function."""
+    """The module whose call Dynamo is compiling: a converted model handing over its capture,
+    or the innermost ``torch.compile(model)`` wrapper (or ``model.compile()``d module) on the
+    Python stack; None for a function."""
     frame = sys._getframe(1)
     while frame is not None:
         owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        if isinstance(owner, ConvertedForward):
+            return owner.model
         if isinstance(owner, OptimizedModule):
             return owner._orig_mod
         if isinstance(owner, nn.Module) and getattr(owner, "_compiled_call_impl", None) is not None:

@@ -11,7 +11,7 @@ capture; each new capture is checked against the plan and recorded in the report
 Under an outer ``torch.compile(model, backend=B)`` the call is opaque to the outer trace
 (``torch.compiler.disable``: a graph break), and the guarded call hands its *rewritten* captures
 to ``B`` instead of running them eagerly (:func:`outer_backend` finds ``B`` on the compiled
-wrapper of the model). So ``torch.compile(model)`` compiles the converted function with
+wrapper of the model, or of a function or module that calls it). So ``torch.compile(model)`` compiles the converted function with
 Inductor, ``backend="mhc"`` fuses its mHC subgraphs (:mod:`mhc_fx.compile.backend`), and no
 backend ever sees the unconverted graph.
 """
@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._dynamo.eval_frame import OptimizedModule, innermost_backend
+from torch._dynamo.eval_frame import OptimizedModule, _TorchDynamoContext, innermost_backend
 
 from ..config import MHCConfig
 from ..errors import CaptureError, MHCError
@@ -132,18 +132,27 @@ def fresh_entry() -> Callable:
 
 
 def outer_backend(model: nn.Module) -> Any:
-    """The backend of the ``torch.compile(model, ...)`` wrapper this call came through, or None
-    for a plain call. Found by walking up the Python stack to the ``OptimizedModule`` whose
-    original module is ``model`` (Dynamo keeps no other record a callee can read)."""
+    """The backend of the ``torch.compile`` this call came through — a ``torch.compile(model)``
+    wrapper, or a compiled function or module that calls the model — or None for a plain call.
+    Found by walking up the Python stack to the nearest active Dynamo context (Dynamo keeps no
+    other record a callee can read); another converted model's own capture is not one."""
     frame = sys._getframe(2)
     for _ in range(STACK_DEPTH):
         if frame is None:
             return None
-        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
-        if isinstance(owner, OptimizedModule) and owner._orig_mod is model:
-            return innermost_backend(owner.dynamo_ctx.callback)
+        owner = frame.f_locals.get("self")
+        context = owner.dynamo_ctx if isinstance(owner, OptimizedModule) else owner
+        if isinstance(context, _TorchDynamoContext) and context.callback not in (None, False):
+            backend = innermost_backend(context.callback)
+            if not _is_capture_backend(backend):
+                return backend
         frame = frame.f_back
     return None
+
+
+def _is_capture_backend(backend: Any) -> bool:
+    """Whether ``backend`` is a converted model's own capture backend (:meth:`ConvertedForward._rewrite`)."""
+    return isinstance(backend, functools.partial) and getattr(backend.func, "__func__", None) is ConvertedForward._rewrite
 
 
 def _backend_name(backend: Any) -> str:
