@@ -42,7 +42,6 @@ WINDOW = 512
 STREAM_DEPTH = 8
 #: how far up a value may be computed from parameters alone to count as parameter-side.
 PARAMETER_DEPTH = 16
-OUTPUTS = ("h", "H_pre", "H_post", "H_res")
 
 
 @dataclasses.dataclass
