@@ -59,9 +59,9 @@ def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int) -> t
     """
     log_m, steps = logits, []
     for _ in range(iters):
-        log_m = log_m - log_m.logsumexp(dim=-2, keepdim=True)
+        log_m = torch.log_softmax(log_m, dim=-2)
         columns = log_m.exp()
-        log_m = log_m - log_m.logsumexp(dim=-1, keepdim=True)
+        log_m = torch.log_softmax(log_m, dim=-1)
         steps.append((columns, log_m.exp()))
     g = grad * steps[-1][1]
     for columns, rows in reversed(steps):

@@ -51,8 +51,8 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
 
         L ← L − logsumexp_columns(L);   L ← L − logsumexp_rows(L);      H_res = exp(L)
 
-    which is the same function in exact arithmetic (``log(M / colsum(M)) = L − LSE_col(L)``)
-    but never divides 0 by 0: where a column of ``exp(logits − max)`` underflows to zero in
+    (each step one ``log_softmax``), which is the same function in exact arithmetic
+    (``log(M / colsum(M)) = L − LSE_col(L)``) but never divides 0 by 0: where a column of ``exp(logits − max)`` underflows to zero in
     floating point (logits spread by more than ~88 in fp32, which training reaches), the
     division form turns NaN in forward and backward, while every ``logsumexp`` here subtracts
     its own maximum. The last step normalises rows, so every row sums to 1 (forward gain 1);
@@ -67,8 +67,8 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     """
     log_m = logits.to(compute_dtype(logits.dtype))
     for _ in range(iters):
-        log_m = log_m - log_m.logsumexp(dim=-2, keepdim=True)  # columns
-        log_m = log_m - log_m.logsumexp(dim=-1, keepdim=True)  # rows
+        log_m = torch.log_softmax(log_m, dim=-2)  # columns: L − logsumexp over each column
+        log_m = torch.log_softmax(log_m, dim=-1)  # rows
     return log_m.exp()
 
 
