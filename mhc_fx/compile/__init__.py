@@ -1,1 +1,3 @@
-"""The ``mhc`` torch.compile backend and its fx passes (fusion, selective recomputation)."""
+"""The ``mhc`` torch.compile backend and its fx passes, one per file: Sinkhorn chains, the pre
+side and mixing matchers with their forward/backward checks, cross-layer merging, selective
+recomputation; the fusion report."""

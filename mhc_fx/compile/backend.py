@@ -6,7 +6,8 @@ For each graph Dynamo captures, the backend
    applied;
 2. runs :func:`mhc_fx.compile.fuse.fuse_mhc`: every mHC pre side (RMS norm + projection,
    coefficients + Sinkhorn, ``H_pre·X``), every mixing ``H_res·X + H_postᵀ·y`` and adjacent
-   (post_res, pre) pairs found *by what they compute* become ``torch.ops.mhc_fx`` ops;
+   (post_res, pre) pairs found *by what they compute* — checked on a few tokens in forward and
+   backward (VJPs; stop-gradients reject) — become ``torch.ops.mhc_fx`` ops, pinned to a path;
 3. hands the graph to Inductor (``compile_fx``). AOTAutograd builds the joint forward/backward
    graph from it, in which the fused ops' registered backwards appear; with
    ``recompute=True``, :class:`mhc_fx.compile.recompute.SelectiveRecompute` plans there which
