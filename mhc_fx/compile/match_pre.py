@@ -273,10 +273,10 @@ def _matching_outputs(nodes, runs, exact, X, parameter_map, iters, eps, dtype) -
         phi, alpha, bias = _op_parameters(*parameter_map, values)
         H_pre, H_post, H_res = Fn.mhc_coefficients(values[X], phi, alpha, bias, sinkhorn_iters=iters, eps=eps)
         for i, ref in ((3, H_res), (2, H_post)):
-            candidates[i] = [u for u in candidates[i] if check.rel_err(env[u], ref) <= 1e-4]
+            candidates[i] = [u for u in candidates[i] if check.rel_err(env[u], ref) <= check.tolerance(coef)]
             if not candidates[i]:
                 return {}
-        candidates[1] = [u for u in candidates[1] if check.rel_err(env[u], H_pre) <= 1e-4]
+        candidates[1] = [u for u in candidates[1] if check.rel_err(env[u], H_pre) <= check.tolerance(coef)]
         h = Fn.pre_mix(values[X], H_pre)
         candidates[0] = [u for u in candidates[0] if check.rel_err(env[u], h) <= check.tolerance(dtype)]
     return {i: sorted(ns, key=order) for i, ns in candidates.items() if ns}

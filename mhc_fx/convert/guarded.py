@@ -140,7 +140,8 @@ def outer_backend(model: nn.Module) -> Any:
     for _ in range(STACK_DEPTH):
         if frame is None:
             return None
-        owner = frame.f_locals.get("self")
+        code = frame.f_code  # f_locals builds a dict: look only where a `self` can be (a hot path)
+        owner = frame.f_locals.get("self") if "self" in code.co_varnames or "self" in code.co_freevars else None
         context = owner.dynamo_ctx if isinstance(owner, OptimizedModule) else owner
         if isinstance(context, _TorchDynamoContext) and context.callback not in (None, False):
             backend = innermost_backend(context.callback)
