@@ -2,7 +2,7 @@
 
     mhc-fx demo [--steps 150] [--n 4] [--layers 12] [--device cpu] [--out mhc_demo]
     mhc-fx inspect SPEC                     # what would be converted, as tables
-    mhc-fx convert SPEC --out DIR           # converted weights (safetensors) + config
+    mhc-fx convert SPEC --out DIR           # converted model, loaded back by mhc_fx.from_pretrained(DIR)
     mhc-fx export SPEC --out FILE.onnx      # converted model → ONNX, checked in ONNX Runtime
 
 SPEC is ``timm:NAME``, ``hf:MODEL_TYPE`` (random weights from a small config), ``hf:PATH`` (a
@@ -12,8 +12,6 @@ local directory with config and weights) or ``module.path:factory``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import pathlib
 import sys
 
@@ -23,6 +21,7 @@ from rich.console import Console
 from .config import METHODS, MHCConfig
 from .convert import convert, find_residuals, report as conversion_report
 from .errors import MHCError
+from .pretrained import save
 from .specs import SpecError, load
 
 
@@ -46,21 +45,11 @@ def _convert(args, console: Console) -> None:
     console.print(conversion_report(converted))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if hasattr(converted, "save_pretrained"):  # Hugging Face: the format mhc_fx.from_pretrained loads
+    if hasattr(converted, "save_pretrained"):  # Hugging Face: its own format, with the mhc_fx entry in config.json
         converted.save_pretrained(out)
-        console.print(f"wrote {out} (save_pretrained; load it with mhc_fx.from_pretrained({str(out)!r}))")
-        return
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous() for k, v in converted.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"))
-    meta = {
-        "spec": args.spec,
-        "config": dataclasses.asdict(config),
-        "blocks": [dataclasses.asdict(b) for b in conversion_report(converted).blocks],
-    }
-    (out / "mhc_config.json").write_text(json.dumps(meta, indent=2))
-    console.print(f"wrote {out / 'model.safetensors'} ({len(state)} tensors) and {out / 'mhc_config.json'}")
+    else:
+        save(converted, out, args.spec)
+    console.print(f"wrote {out}; load it with mhc_fx.from_pretrained({str(out)!r})")
 
 
 def _export(args, console: Console) -> None:
@@ -97,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
     spec.add_argument("--method", default="mhc", choices=METHODS)
     spec.add_argument("--n", type=int, default=4)
     sub.add_parser("inspect", parents=[spec], help="print the conversion report as tables").set_defaults(run=_inspect)
-    c = sub.add_parser("convert", parents=[spec], help="save the converted weights (safetensors) and config")
+    c = sub.add_parser("convert", parents=[spec], help="save the converted model (load it with mhc_fx.from_pretrained)")
     c.add_argument("--out", required=True, help="output directory")
     c.set_defaults(run=_convert)
     e = sub.add_parser("export", parents=[spec], help="convert, export to ONNX, check in ONNX Runtime")

@@ -2,6 +2,10 @@
 
 import json
 
+import torch
+
+import mhc_fx
+
 import pytest
 
 from mhc_fx.cli import main
@@ -48,10 +52,40 @@ def test_convert_saves_safetensors_and_config(tmp_path, capsys):
     from safetensors.torch import load_file
 
     assert main(["convert", "mhc_fx.demo.zoo:TinyGPT", "--n", "2", "--out", str(tmp_path)]) == 0
+    assert "mhc_fx.from_pretrained" in capsys.readouterr().out
     state = load_file(str(tmp_path / "model.safetensors"))
     assert "blocks.0.attn_mhc.phi" in state and state["blocks.0.attn_mhc.phi"].shape == (2 * 64, 8)
     meta = json.loads((tmp_path / "mhc_config.json").read_text())
     assert meta["config"]["n"] == 2 and len(meta["blocks"]) == 8
+    loaded = mhc_fx.from_pretrained(tmp_path)
+    assert mhc_fx.is_converted(loaded) and mhc_fx.report(loaded).num_blocks == 8
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+
+
+def test_a_saved_non_hf_model_loads_back_with_its_trained_weights(tmp_path):
+    from mhc_fx.demo.zoo import TinyGPT
+    from mhc_fx.pretrained import save
+
+    ids = torch.randint(0, 96, (2, 8))
+    model = mhc_fx.convert(TinyGPT(), (ids,), n=2).eval()
+    with torch.no_grad():  # off init: trained connections, and a changed original weight
+        for name, p in model.named_parameters():
+            if "_mhc." in name or name == "tok.weight":
+                p.add_(0.1 * torch.randn_like(p))
+    save(model, tmp_path, "mhc_fx.demo.zoo:TinyGPT")
+    loaded = mhc_fx.from_pretrained(tmp_path)
+    assert type(loaded) is TinyGPT and not loaded.training
+    other = torch.randint(0, 96, (3, 5))  # another shape than the conversion's example
+    with torch.no_grad():
+        assert torch.equal(loaded(other), model(other))
+    with pytest.raises(mhc_fx.ConversionError, match="model_class"):
+        mhc_fx.from_pretrained(tmp_path, model_class=TinyGPT)
+    with pytest.raises(mhc_fx.ConversionError, match="not converted"):
+        save(TinyGPT(), tmp_path / "plain", "mhc_fx.demo.zoo:TinyGPT")
+    two_layers = mhc_fx.convert(TinyGPT(layers=2), (ids,), n=2)  # the spec builds another architecture
+    save(two_layers, tmp_path / "other", "mhc_fx.demo.zoo:TinyGPT")
+    with pytest.raises(mhc_fx.ConversionError, match="does not match the saved weights"):
+        mhc_fx.from_pretrained(tmp_path / "other")
 
 
 def test_export_subcommand(tmp_path, capsys):

@@ -76,6 +76,11 @@ def test_residual_method_keeps_the_adds():
     converted = mhc_fx.convert(model, (ids,), method="residual")
     assert converted is model and not mhc_fx.is_converted(converted)
     assert mhc_fx.find_residuals(model, (ids,)).num_blocks == 4
+    report = mhc_fx.report(model)  # the A/B baseline reports the blocks it kept as they are
+    assert report.method == "residual" and [b.name for b in report.blocks][:2] == ["blocks.0.attn", "blocks.0.mlp"]
+    assert report.num_blocks == 4 and all(b.module == "" for b in report.blocks)
+    with pytest.raises(mhc_fx.ConversionError, match="not converted"):
+        mhc_fx.report(TinyGPT(layers=2))
     assert not any(isinstance(m, mhc_fx.nn.Connection) for m in converted.modules())
     with torch.no_grad():
         assert torch.equal(converted.eval()(ids), ref(ids))

@@ -150,9 +150,11 @@ def opcheck_cases():
     }
 
 
+@pytest.mark.parametrize("path", ["auto", "reference", "compiled_reference"])  # auto: the kernels, interpreted here
 @pytest.mark.parametrize("name", ["mhc_pre", "mhc_pre_backward", "post_res", "post_res_backward", "post_res_pre"])
-def test_opcheck(name):
+def test_opcheck(name, path):
     op, args = opcheck_cases()[name]
+    args = (*args[:-1], path) if name.endswith("_backward") else (*args, path)
     if not name.endswith("_backward"):  # the backward ops are first order: no gradient of their own
         args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
     torch.library.opcheck(op, args)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from collections import Counter
 from typing import Any, Callable
 
@@ -36,6 +37,9 @@ PRESERVE_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
 PRESERVE_TOLERANCE_LOW_PRECISION = 5e-2
 #: the attribute of a Hugging Face config that holds the conversion (``save_pretrained`` writes it)
 HF_CONFIG_KEY = "mhc_fx"
+#: The report of each model ``convert(method="residual")`` left unchanged (its blocks, as found):
+#: what :func:`report` returns for it; dropped with the model.
+_unchanged_reports: "weakref.WeakKeyDictionary[nn.Module, ConversionReport]" = weakref.WeakKeyDictionary()
 
 
 def _connection(config: MHCConfig, n_channels: int, stream_dim: int, index: int) -> Connection:
@@ -285,6 +289,7 @@ def convert(
         plan = make_plan(a.streams, a.residuals, lambda i, k, res: "")
         report.blocks = block_reports(plan, False)
         report.seconds = {"capture": captured - started}
+        _unchanged_reports[model] = report
         return model
     suffix = "mhc" if config.method == "mhc" else "hc"
     plan = make_plan(a.streams, a.residuals, _connection_path(model, suffix, set()))
@@ -306,7 +311,10 @@ def convert(
 
 def report(model: nn.Module) -> ConversionReport:
     """The :class:`~mhc_fx.ConversionReport` of a converted model: its blocks, the adds left
-    alone and why, and every capture of a call with the reason it happened."""
-    if not is_converted(model):
-        raise ConversionError(f"{type(model).__name__} is not converted by mhc_fx (call mhc_fx.convert first)")
-    return model.forward.report
+    alone and why, and every capture of a call with the reason it happened. For a model that
+    ``convert(method="residual")`` left unchanged: the blocks it found (none rewritten)."""
+    if is_converted(model):
+        return model.forward.report
+    if model in _unchanged_reports:
+        return _unchanged_reports[model]
+    raise ConversionError(f"{type(model).__name__} is not converted by mhc_fx (call mhc_fx.convert first)")

@@ -1,14 +1,20 @@
 """Pure-torch implementations of the fused ops: what they compute where Triton does not run,
 and what ONNX export decomposes them into.
 
-The forwards compose :mod:`mhc_fx.nn.functional` (the single source of truth). The backwards
-are written out in closed form, because autograd cannot run inside a custom op's body; the
-tests check them against autograd through the functional reference. Shapes as the kernels':
+The forwards compose :mod:`mhc_fx.nn.functional` (the single source of truth), spelled for
+the CPU: the Sinkhorn iterates are kept tokens-last (``[n, n, T]``: every step a vectorised
+loop over tokens, not an n-wide reduction per token; ~6× faster compiled, ~3× eagerly) and
+the stream mixing is a broadcast sum where Inductor compiles it (:func:`mix`). The
+backwards are written out in closed form, because autograd cannot run inside a custom op's
+body. The tests check forwards against the reference and backwards against autograd through
+it. Shapes as the kernels':
 ``X [T, n, C]``, ``y/h [T, C]``, ``H_pre/H_post [T, n]``, ``H_res [T, n, n]``, ``φ [nC, K]``,
 ``K = n² + 2n``.
 """
 
 from __future__ import annotations
+
+from typing import Iterator
 
 import torch
 
@@ -22,13 +28,45 @@ def mhc_pre(
     """``(h, H_pre, H_post, H_res)``: :func:`~mhc_fx.nn.functional.mhc_coefficients`, then
     :func:`~mhc_fx.nn.functional.pre_mix` (``path``, where the op would run, does not change
     the function: the decompositions accept and drop it)."""
-    H_pre, H_post, H_res = MF.mhc_coefficients(X, phi, alpha, bias, sinkhorn_iters=iters, eps=eps)
+    H_pre, H_post, H_res = MF.mhc_coefficients(
+        X, phi, alpha, bias, sinkhorn_iters=iters, eps=eps, project_res=lambda logits: sinkhorn(logits, iters)
+    )
     return MF.pre_mix(X, H_pre), H_pre, H_post, H_res
 
 
 def post_res(X: torch.Tensor, y: torch.Tensor, H_post: torch.Tensor, H_res: torch.Tensor, path: str = "auto") -> torch.Tensor:
     """``X_next = H_res·X + H_postᵀ·y`` (:func:`~mhc_fx.nn.functional.post_res_mix`)."""
-    return MF.post_res_mix(X, y, H_post, H_res)
+    dt = MF.compute_dtype(X.dtype)
+    out = mix(H_res.to(dt), X.to(dt)) + H_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)
+    return out.to(X.dtype)
+
+
+def mix(H: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``H @ X`` for ``H [..., n, m]``, ``X [..., m, C]`` → ``[..., n, C]``: eagerly a batched
+    matmul; where Inductor compiles it, a broadcast sum (one fused loop, ~3× faster than a
+    batch of tiny matmuls there, ~6× slower eagerly: it materialises ``[..., n, m, C]``)."""
+    if torch.compiler.is_compiling():
+        return (H.unsqueeze(-1) * X.unsqueeze(-3)).sum(dim=-2)
+    return H @ X
+
+
+def _log_steps(logits: torch.Tensor, iters: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The log-domain Sinkhorn iterates of ``logits [..., n, n]``
+    (:func:`~mhc_fx.nn.functional.sinkhorn`), tokens last: per iteration ``(L after the column
+    step, L after the row step)``, each ``[n, n, ...]``."""
+    log_m = logits.movedim((-2, -1), (0, 1))
+    for _ in range(iters):
+        columns = torch.log_softmax(log_m, dim=0)
+        log_m = torch.log_softmax(columns, dim=1)
+        yield columns, log_m
+
+
+def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """:func:`~mhc_fx.nn.functional.sinkhorn` of ``logits [..., n, n]`` (in its compute dtype),
+    iterated tokens-last → contiguous ``[..., n, n]`` (the ops' outputs are)."""
+    for _, log_m in _log_steps(logits.to(MF.compute_dtype(logits.dtype)), iters):
+        pass
+    return log_m.exp().movedim((0, 1), (-2, -1)).contiguous()
 
 
 def post_res_pre(
@@ -57,17 +95,12 @@ def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int) -> t
     products and sums of the normalised iterates only, no division (finite wherever the
     forward is).
     """
-    log_m, steps = logits, []
-    for _ in range(iters):
-        log_m = torch.log_softmax(log_m, dim=-2)
-        columns = log_m.exp()
-        log_m = torch.log_softmax(log_m, dim=-1)
-        steps.append((columns, log_m.exp()))
-    g = grad * steps[-1][1]
+    steps = [(columns.exp(), rows.exp()) for columns, rows in _log_steps(logits, iters)]
+    g = grad.movedim((-2, -1), (0, 1)) * steps[-1][1]  # tokens last, as the iterates
     for columns, rows in reversed(steps):
-        g = g - rows * g.sum(dim=-1, keepdim=True)
-        g = g - columns * g.sum(dim=-2, keepdim=True)
-    return g
+        g = g - rows * g.sum(dim=1, keepdim=True)
+        g = g - columns * g.sum(dim=0, keepdim=True)
+    return g.movedim((0, 1), (-2, -1))
 
 
 def mhc_pre_backward(
@@ -109,6 +142,6 @@ def post_res_backward(
     """``(dX, dy, dH_post, dH_res)`` of :func:`post_res` for ``grad = ∂L/∂X_next``."""
     dt = H_res.dtype
     G, Xc, yc = grad.to(dt), X.to(dt), y.to(dt)
-    dX = H_res.transpose(-2, -1) @ G
+    dX = mix(H_res.transpose(-2, -1), G)
     dy = (H_post.unsqueeze(-1) * G).sum(dim=-2)
-    return dX.to(X.dtype), dy.to(y.dtype), (G * yc.unsqueeze(-2)).sum(dim=-1), G @ Xc.transpose(-2, -1)
+    return dX.to(X.dtype), dy.to(y.dtype), (G * yc.unsqueeze(-2)).sum(dim=-1), mix(G, Xc.transpose(-2, -1))
