@@ -13,6 +13,7 @@ Two front ends, one graph level:
 from __future__ import annotations
 
 import inspect
+import itertools
 import re
 from typing import Any
 
@@ -23,6 +24,8 @@ from torch._guards import detect_fake_mode
 from torch.export import Dim
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
+
+from ..errors import CaptureError
 
 
 def contiguous_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -78,12 +81,21 @@ def to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
 
 
 class _GradientAwareInterpreter(fx.Interpreter):
-    """Runs a Dynamo graph under ``make_fx`` keeping its stop-gradients in the ATen graph:
-    ``x.data`` (Dynamo's ``_get_data_attr``, which ``make_fx`` would bake into a constant)
-    becomes ``aten.detach``, and an ``inference_mode`` region (which ``make_fx`` drops) becomes
-    a ``no_grad`` region (``_set_grad_enabled`` nodes)."""
+    """Runs a Dynamo graph under ``make_fx`` keeping what it says about gradients in the ATen graph:
+
+    - ``x.data`` (Dynamo's ``_get_data_attr``, which ``make_fx`` would bake into a constant)
+      becomes ``aten.detach``, and an ``inference_mode`` region (which ``make_fx`` drops) becomes
+      a ``no_grad`` region (``_set_grad_enabled`` nodes);
+    - an activation-checkpointed region (``torch.utils.checkpoint.checkpoint``, Hugging Face's
+      ``gradient_checkpointing_enable``: Dynamo's ``tag_activation_checkpoint``) is inlined, its
+      ops tagged as torch.compile tags them (``recompute = PREFER_RECOMPUTE``, one
+      ``ac_graph_id`` per region), so the passes see its residual adds and AOTAutograd's
+      partitioner recomputes the region in backward instead of saving it.
+    """
 
     def call_function(self, target, args, kwargs):
+        if target is torch.ops.higher_order.tag_activation_checkpoint:
+            return _inline_checkpointed(args[0], args[1:])
         if target is torch._C._autograd._get_data_attr:
             return args[0].detach()
         if target is torch.autograd.grad_mode._enter_inference_mode:
@@ -97,6 +109,31 @@ class _GradientAwareInterpreter(fx.Interpreter):
         return super().call_function(target, args, kwargs)
 
 
+_region_ids = itertools.count(1)
+
+
+def _inline_checkpointed(body: fx.GraphModule, operands: tuple) -> Any:
+    """Run the body of a checkpointed region in place, its nodes tagged for recomputation."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if "_checkpoint_context_fn" in body.meta:
+        raise CaptureError(
+            "torch.utils.checkpoint with a context_fn (selective activation checkpointing) inside a converted "
+            "model is not supported; use plain checkpointing (no context_fn), or the 'mhc' backend's "
+            "recompute=True for the connections"
+        )
+    region = next(_region_ids)
+    for node in body.graph.nodes:
+        if node.op not in ("placeholder", "output"):
+            node.meta["recompute"], node.meta["ac_graph_id"] = CheckpointPolicy.PREFER_RECOMPUTE, region
+    return _GradientAwareInterpreter(body).run(*operands)
+
+
+def has_checkpointed_regions(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` (from :func:`to_aten`) holds ops tagged for recomputation."""
+    return any("recompute" in node.meta for node in gm.graph.nodes)
+
+
 def inline_modules(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, list[torch.Tensor]]:
     """``gm`` with its ``call_module`` nodes traced into ATen ops, and the tensors of those
     modules (parameters, buffers) lifted to extra inputs after ``example_inputs``: the form a
@@ -105,15 +142,29 @@ def inline_modules(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphMo
     names, tensors = list(state), list(state.values())
     count = len(example_inputs)
 
+    interpreted = _Interpreted(gm)  # node by node, so node meta (recompute tags) reaches the new graph
+
     def run(*args):
-        state = dict(zip(names, args[count:]))
-        return torch.func.functional_call(gm, state, tuple(args[:count]), strict=False)
+        state = {f"gm.{name}": t for name, t in zip(names, args[count:])}
+        return torch.func.functional_call(interpreted, state, tuple(args[:count]), strict=False)
 
     fake_mode = detect_fake_mode(example_inputs) or torch._subclasses.FakeTensorMode()
     fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in (*example_inputs, *tensors)]
     with torch.fx.traceback.preserve_node_meta(), fake_mode:
         flat = make_fx(run, pre_dispatch=True)(*fakes)
     return flat, list(tensors)
+
+
+class _Interpreted(nn.Module):
+    """``gm`` run by ``fx.Interpreter``: under ``preserve_node_meta`` each op traced from it
+    keeps its node's meta."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, *args: Any) -> Any:
+        return fx.Interpreter(self.gm).run(*args)
 
 
 def parameter_placeholders(gm: fx.GraphModule, example_inputs: list) -> set[fx.Node]:

@@ -34,7 +34,9 @@ from torch._dynamo.eval_frame import OptimizedModule, _TorchDynamoContext, inner
 
 from ..config import MHCConfig
 from ..errors import CaptureError, MHCError
-from .capture import describe_inputs, inline_modules, parameter_placeholders, prepare_hf, to_aten
+from .capture import (
+    describe_inputs, has_checkpointed_regions, inline_modules, parameter_placeholders, prepare_hf, to_aten,
+)
 from .plan import Plan
 from .report import ConversionReport
 from .rewrite import analyse, rewrite_graph
@@ -156,6 +158,24 @@ def _is_capture_backend(backend: Any) -> bool:
     return isinstance(backend, functools.partial) and getattr(backend.func, "__func__", None) is ConvertedForward._rewrite
 
 
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def recomputing_eager(gm: fx.GraphModule, example_inputs: list) -> Callable:
+    """Run ``gm``'s ATen ops as they are (no compiler), forward and backward split by the min-cut
+    partitioner, which recomputes the activation-checkpointed regions (their ``recompute``
+    tags) in backward instead of saving them: eager checkpointing in a converted model."""
+    from functorch.compile import min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    def nop(graph: fx.GraphModule, _inputs: list) -> Callable:
+        return make_boxed_func(graph.forward)
+
+    return aot_autograd(fw_compiler=nop, bw_compiler=nop, partition_fn=min_cut_rematerialization_partition)(gm, example_inputs)
+
+
 def _backend_name(backend: Any) -> str:
     return getattr(backend, "compiler_name", None) or getattr(backend, "__name__", None) or type(backend).__name__
 
@@ -197,14 +217,18 @@ class ConvertedForward:
         mode = (self.model.training, torch.is_grad_enabled(), "eager" if backend is None else _backend_name(backend))
         previous = self.report.captures[-1] if self.report.captures else None
         record = CaptureRecord(inputs, *mode, reason=_reason(previous, inputs, *mode))
-        aten = to_aten(gm, example_inputs)
-        a = analyse(aten, self.config.feature_dim, parameter_placeholders(aten, example_inputs))
-        rewrite_graph(aten, a, self.plan, self.model, f"{type(self.model).__name__} called with {record}")
-        self.report.captures.append(record)
-        if backend is None:
-            return aten
-        flat, extra = inline_modules(aten, example_inputs)
-        compiled = backend(flat, [*example_inputs, *extra])
+        # traced on fake tensors: the caller's saved-tensor hooks (offloading, memory probes) are for real ones
+        with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+            aten = to_aten(gm, example_inputs)
+            a = analyse(aten, self.config.feature_dim, parameter_placeholders(aten, example_inputs))
+            rewrite_graph(aten, a, self.plan, self.model, f"{type(self.model).__name__} called with {record}")
+            self.report.captures.append(record)
+            if backend is None and not has_checkpointed_regions(aten):
+                return aten
+            flat, extra = inline_modules(aten, example_inputs)
+            if backend is None:  # checkpointed regions: AOTAutograd's partitioner recomputes them, ops run as traced
+                backend = recomputing_eager
+            compiled = backend(flat, [*example_inputs, *extra])
         return lambda *args: compiled(*args, *extra)
 
     @torch.compiler.disable

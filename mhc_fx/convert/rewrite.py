@@ -68,6 +68,17 @@ def _insert(graph: fx.Graph, after: fx.Node, op: str, target, args) -> fx.Node:
         return graph.create_node(op, target, args)
 
 
+#: node meta of an activation-checkpointed region (:func:`mhc_fx.convert.capture.to_aten`)
+CHECKPOINT_TAGS = ("recompute", "ac_graph_id")
+
+
+def _checkpointed_like(source: fx.Node, *nodes: fx.Node) -> None:
+    """Tag ``nodes`` (a block's connection) for recomputation as ``source`` (the block's residual
+    add) is: a connection belongs to its block, inside the block's checkpointed region."""
+    for node in nodes:
+        node.meta.update({k: source.meta[k] for k in CHECKPOINT_TAGS if k in source.meta})
+
+
 class _Reducer:
     """Lazily inserts one ``reduce`` per stream value that something outside the stream reads,
     and records it in ``replaced`` (original node → the node now holding its value)."""
@@ -126,6 +137,7 @@ def rewrite_stream(
             reducer.redirect(block.skip, X, keep={block.add})
         y = replaced.get(block.branch_out, block.branch_out)
         X = _insert(graph, block.add, "call_module", f"{conn}.post", (X, y, H_post, H_res))
+        _checkpointed_like(block.add, pre, h, H_post, H_res, X)
         original = block.add
         dead.append(original)
         for node in stream.links[k] if k < len(stream.links) else []:
