@@ -54,3 +54,22 @@ def test_two_processes_match_one_process_on_the_combined_batch(mode, tmp_path):
     for name, p in state.items():
         assert rel_err(result["state"][name], p) <= 1e-5, name
     assert any(rel_err(p, W.converted_gpt().get_parameter(n)) > 1e-3 for n, p in state.items())  # it trained
+
+
+@needs_gloo
+def test_fsdp2_per_layer_is_a_clear_error():
+    from torch.distributed.fsdp import fully_shard
+
+    import mhc_fx
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        model = W.converted_gpt()
+        ids = torch.randint(0, 96, (2, 8))
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        with pytest.raises(mhc_fx.CaptureError, match=r"FSDP2 units inside it \(blocks.0, blocks.1.*fully_shard\(model\)"):
+            model(ids)
+    finally:
+        dist.destroy_process_group()

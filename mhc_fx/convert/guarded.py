@@ -99,12 +99,29 @@ def run_captured(compiled: Callable, model: nn.Module, args: tuple, kwargs: dict
             raise err.inner_exception.with_traceback(None) from None
         raise
     except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as err:
+        units = _fsdp_units(model)
+        if units:
+            raise CaptureError(
+                f"{type(model).__name__} has FSDP2 units inside it ({', '.join(units[:3])}"
+                f"{', ...' if len(units) > 3 else ''}): fully_shard per layer is not supported on a converted model yet "
+                "(a layer's hooks would unshard its parameters after the converted call has read them). Fix: shard "
+                "the whole model as one unit, fully_shard(model), or use DDP"
+            ) from err
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CaptureError(
             f"could not capture {type(model).__name__} in one graph with Dynamo ({first}); mhc_fx runs only "
             "what Dynamo captures whole. Fix: make that code traceable (no data-dependent Python control "
             "flow, no unsupported calls), or call the model with inputs and flags whose code path traces"
         ) from err
+
+
+def _fsdp_units(model: nn.Module) -> list[str]:
+    """Names of the submodules of ``model`` that FSDP2's ``fully_shard`` made units of."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    return [name for name, m in model.named_modules() if name and isinstance(m, FSDPModule)]
 
 
 def _reason(previous: CaptureRecord | None, inputs: dict[str, str], training: bool, grad: bool, backend: str) -> str:
