@@ -61,11 +61,39 @@ def _log_steps(logits: torch.Tensor, iters: int) -> Iterator[tuple[torch.Tensor,
         yield columns, log_m
 
 
+def _compiled_loops() -> bool:
+    """Whether Inductor compiles this call (not an export): the Sinkhorn iterations then run as
+    a ``scan`` (one compiled body, called ``iters`` times: ~3× less compile time than the
+    unrolled loop, ~1 ms more per call at T=2048)."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+
+
+def _step(log_m: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """One (column, row) step on tokens-last ``log_m [n, n, ...]`` as a ``scan`` body: the new
+    carry and the step's normalised iterates ``(exp L_col, exp L_row)``."""
+    columns = torch.log_softmax(log_m, dim=0)
+    rows = torch.log_softmax(columns, dim=1)
+    return rows.clone(), (columns.exp(), rows.exp())
+
+
+def _scanned_iterates(logits: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(L_T, exp L_col [iters, n, n, ...], exp L_row [iters, n, n, ...])`` tokens-last, by ``scan``."""
+    from torch._higher_order_ops.scan import scan
+
+    start = logits.movedim((-2, -1), (0, 1)).contiguous()
+    last, (columns, rows) = scan(_step, start, logits.new_empty(iters, 0))
+    return last, columns, rows
+
+
 def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     """:func:`~mhc_fx.nn.functional.sinkhorn` of ``logits [..., n, n]`` (in its compute dtype),
     iterated tokens-last → contiguous ``[..., n, n]`` (the ops' outputs are)."""
-    for _, log_m in _log_steps(logits.to(MF.compute_dtype(logits.dtype)), iters):
-        pass
+    logits = logits.to(MF.compute_dtype(logits.dtype))
+    if _compiled_loops():
+        log_m = _scanned_iterates(logits, iters)[0]
+    else:
+        for _, log_m in _log_steps(logits, iters):
+            pass
     return log_m.exp().movedim((0, 1), (-2, -1)).contiguous()
 
 
@@ -95,12 +123,27 @@ def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int) -> t
     products and sums of the normalised iterates only, no division (finite wherever the
     forward is).
     """
-    steps = [(columns.exp(), rows.exp()) for columns, rows in _log_steps(logits, iters)]
-    g = grad.movedim((-2, -1), (0, 1)) * steps[-1][1]  # tokens last, as the iterates
-    for columns, rows in reversed(steps):
-        g = g - rows * g.sum(dim=1, keepdim=True)
-        g = g - columns * g.sum(dim=0, keepdim=True)
+    if _compiled_loops():
+        from torch._higher_order_ops.scan import scan
+
+        _, columns, rows = _scanned_iterates(logits, iters)
+        g = (grad.movedim((-2, -1), (0, 1)) * rows[-1]).contiguous()  # tokens last, as the iterates
+        g, _ = scan(_step_back, g, (columns, rows), reverse=True)
+    else:
+        steps = [(columns.exp(), rows.exp()) for columns, rows in _log_steps(logits, iters)]
+        g = grad.movedim((-2, -1), (0, 1)) * steps[-1][1]
+        for step in reversed(steps):
+            g = _step_back(g, step)[0]
     return g.movedim((0, 1), (-2, -1))
+
+
+def _step_back(g: torch.Tensor, step: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient through one (column, row) step, given its normalised iterates (a ``scan``
+    body, walked in reverse)."""
+    columns, rows = step
+    g = g - rows * g.sum(dim=1, keepdim=True)
+    g = g - columns * g.sum(dim=0, keepdim=True)
+    return g.clone(), g.new_empty(0)
 
 
 def mhc_pre_backward(
