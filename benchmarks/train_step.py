@@ -13,7 +13,9 @@ capture and rewrite, plus the forward).
 ``--backend mhc``: ``torch.compile(fullgraph=True)`` of the baseline (Inductor) against the
 converted mHC model compiled by the ``mhc`` backend (without and with selective recomputation)
 and by plain Inductor: the time of the first training step (Dynamo + fusion + AOTAutograd +
-Inductor compile + the step; compile caches off), the median step after it, and saved bytes.
+Inductor compile + the step; compile caches off), the median step (the rows' steps timed in
+turn, round by round, after all first steps: this machine drifts by ~10 % within a run), and
+saved bytes.
 ``--no-plain-inductor`` leaves out the last row (its compile of the unrolled Sinkhorn graphs
 takes many minutes at the default size).
 """
@@ -74,14 +76,29 @@ def measure(model, ids, targets, repeats, device):
     return (*times, timed(forward, 0, device))
 
 
-def measure_compiled(model, backend, ids, targets, repeats, device):
-    """``(first step s, median step s, saved bytes)`` of ``torch.compile(model, backend)``."""
+def first_compiled_step(model, backend, ids, targets, device):
+    """``(train step, first step s, saved bytes)`` of ``torch.compile(model, backend)``: the
+    first step pays the whole compile (Dynamo's caches reset first: the fused ops' CPU path,
+    shared by all blocks, is compiled again too)."""
     torch._dynamo.reset()
     model.train()
     compiled = torch.compile(model, backend=backend)
     step = train_step(model, compiled, ids, targets)
     first = timed(step, 0, device)
-    return first, timed(step, repeats, device), saved_bytes(compiled, ids)
+    return step, first, saved_bytes(compiled, ids)
+
+
+def interleaved(steps, repeats: int, device: str) -> list[float]:
+    """Median time of each of ``steps``, timed in turn ``repeats`` rounds (after a warm-up
+    call each, which compiles again what a later row's reset dropped), so that the machine's
+    drift during the run reaches every row alike."""
+    times = [[] for _ in steps]
+    for step in steps:
+        step()
+    for _ in range(repeats):
+        for i, step in enumerate(steps):
+            times[i].append(timed(step, 0, device))
+    return [statistics.median(t) for t in times]
 
 
 def eager_table(args, base, ids, targets) -> Table:
@@ -112,9 +129,10 @@ def compiled_table(args, base, ids, targets) -> Table:
     ]
     if args.plain_inductor:
         rows.append((f"mhc n={args.n}", converted, "inductor"))
+    firsts = [first_compiled_step(model, backend, ids, targets, args.device) for _, model, backend in rows]
+    medians = interleaved([step for step, _, _ in firsts], args.repeats, args.device)
     ref = None
-    for name, model, backend in rows:
-        first, step, mem = measure_compiled(model, backend, ids, targets, args.repeats, args.device)
+    for (name, _, backend), (_, first, mem), step in zip(rows, firsts, medians):
         values = (first, step * 1e3, mem / 2**20)
         ref = ref or values
         label = backend if isinstance(backend, str) else "mhc, recompute"
