@@ -118,6 +118,21 @@ def test_leading_dims_and_empty_input():
     assert [tuple(t.shape) for t in empty] == [(0, C), (0, n), (0, n), (0, n, n)]
 
 
+@pytest.mark.parametrize("tokens,n", [(0, 4), (1, 1), (1, 4)])  # empty, and size-1 dims with odd strides
+def test_compiled_cpu_path_at_edge_sizes_matches_the_reference(tokens, n):
+    C = 8
+    X = torch.randn(tokens, n, C, requires_grad=True)
+    params = tuple(p.requires_grad_() for p in pre_params(n, C))
+    compiled = ops.mhc_pre(X, *params, ITERS, 1e-6, "compiled_reference")
+    ref = pre_reference(X.double(), *(p.double() for p in params), ITERS, 1e-6)
+    assert [t.shape for t in compiled] == [t.shape for t in ref] and all(t.is_contiguous() for t in compiled)
+    assert all(rel_err(out, r) <= 1e-5 for out, r in zip(compiled, ref) if r.numel())
+    upstream = [torch.randn_like(t) for t in compiled]
+    grads = torch.autograd.grad(compiled, (X, *params), upstream)
+    expected = torch.autograd.grad(ops.mhc_pre(X, *params, ITERS, 1e-6, "reference"), (X, *params), upstream)
+    assert all(rel_err(g, e) <= 1e-5 for g, e in zip(grads, expected) if e.numel() and e.abs().max() > 0)
+
+
 @needs_kernels
 @pytest.mark.parametrize("op", ["mhc_pre", "post_res", "post_res_pre"])
 def test_fp64_gradcheck_through_interpreted_kernels(op):

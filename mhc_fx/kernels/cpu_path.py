@@ -62,11 +62,12 @@ def _log_steps(logits: torch.Tensor, iters: int) -> Iterator[tuple[torch.Tensor,
         yield columns, log_m
 
 
-def _compiled_loops() -> bool:
-    """Whether Inductor compiles this call (not an export): the Sinkhorn iterations then run as
-    a ``scan`` (one compiled body, called ``iters`` times: 3.8 s to compile ``mhc_pre`` or its
-    backward instead of 6.6 / 10.7 s unrolled, ~0.3 ms more per call at T=2048)."""
-    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+def _compiled_loops(logits: torch.Tensor) -> bool:
+    """Whether Inductor compiles this call (not an export) on a non-empty ``logits``: the
+    Sinkhorn iterations then run as a ``scan`` (one compiled body, called ``iters`` times:
+    3.8 s to compile ``mhc_pre`` or its backward instead of 6.6 / 10.7 s unrolled, ~0.3 ms more
+    per call at T=2048). An empty batch runs the loop (``scan`` rejects its carry's strides)."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting() and logits.numel() > 0
 
 
 def _step(log_m: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -74,12 +75,12 @@ def _step(log_m: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, tuple[tor
     carry and the step's normalised iterates ``(exp L_col, exp L_row)``."""
     columns = torch.log_softmax(log_m, dim=0)
     rows = torch.log_softmax(columns, dim=1)
-    return rows.clone(), (columns.exp(), rows.exp())
+    return _dense(rows), (columns.exp(), rows.exp())
 
 
 def _step_only(log_m: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_step` keeping nothing but the carry (the forward needs no iterates)."""
-    return torch.log_softmax(torch.log_softmax(log_m, dim=0), dim=1), log_m.new_empty(0)
+    return _dense(torch.log_softmax(torch.log_softmax(log_m, dim=0), dim=1)), log_m.new_empty(0)
 
 
 def _scanned(logits: torch.Tensor, iters: int, body: Callable) -> tuple[torch.Tensor, Any]:
@@ -87,20 +88,25 @@ def _scanned(logits: torch.Tensor, iters: int, body: Callable) -> tuple[torch.Te
     ``(L_T, the body's stacked outputs)``."""
     from torch._higher_order_ops.scan import scan
 
-    start = logits.movedim((-2, -1), (0, 1)).contiguous()
-    return scan(body, start, logits.new_empty(iters, 0))
+    return scan(body, _dense(logits.movedim((-2, -1), (0, 1))), logits.new_empty(iters, 0))
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` with the standard contiguous strides (a ``scan`` carry must keep its
+    strides, and ``contiguous()`` keeps odd strides of size-1 dims)."""
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     """:func:`~mhc_fx.nn.functional.sinkhorn` of ``logits [..., n, n]`` (in its compute dtype),
-    iterated tokens-last → contiguous ``[..., n, n]`` (the ops' outputs are)."""
+    iterated tokens-last → dense ``[..., n, n]`` (as the ops' outputs are)."""
     logits = logits.to(MF.compute_dtype(logits.dtype))
-    if _compiled_loops():
+    if _compiled_loops(logits):
         log_m = _scanned(logits, iters, _step_only)[0]
     else:
         for _, log_m in _log_steps(logits, iters):
             pass
-    return log_m.exp().movedim((0, 1), (-2, -1)).contiguous()
+    return _dense(log_m.exp().movedim((0, 1), (-2, -1)))
 
 
 def post_res_pre(
@@ -129,11 +135,11 @@ def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int) -> t
     products and sums of the normalised iterates only, no division (finite wherever the
     forward is).
     """
-    if _compiled_loops():
+    if _compiled_loops(logits):
         from torch._higher_order_ops.scan import scan
 
         _, (columns, rows) = _scanned(logits, iters, _step)
-        g = (grad.movedim((-2, -1), (0, 1)) * rows[-1]).contiguous()  # tokens last, as the iterates
+        g = _dense(grad.movedim((-2, -1), (0, 1)) * rows[-1])  # tokens last, as the iterates
         g, _ = scan(_step_back, g, (columns, rows), reverse=True)
     else:
         steps = [(columns.exp(), rows.exp()) for columns, rows in _log_steps(logits, iters)]
@@ -149,7 +155,7 @@ def _step_back(g: torch.Tensor, step: tuple[torch.Tensor, torch.Tensor]) -> tupl
     columns, rows = step
     g = g - rows * g.sum(dim=1, keepdim=True)
     g = g - columns * g.sum(dim=0, keepdim=True)
-    return g.clone(), g.new_empty(0)
+    return _dense(g), g.new_empty(0)
 
 
 def mhc_pre_backward(
