@@ -80,7 +80,7 @@ def assert_same(a, b, tol=0.0):
 def test_checkpointed_blocks_convert_and_train_as_without_checkpointing(reentrant):
     x = torch.randn(4, 16, 32)
     torch.manual_seed(0)
-    plain = mhc_fx.convert(Net(), (x,))
+    plain = mhc_fx.convert(Net(), (torch.randn(2, 8, 32),))  # trained below at another batch and length
     checkpointed = copy.deepcopy(plain)
     checkpointed.checkpointed, checkpointed.reentrant = True, reentrant
     off_init(plain, checkpointed)

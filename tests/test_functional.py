@@ -92,7 +92,9 @@ def test_fused_ops_stay_finite_at_logits_spread_by_1e4(path):
     assert all(o.isfinite().all() for o in outs)
     grads = torch.autograd.grad(outs, (X, phi, alpha, bias), [torch.randn_like(o) for o in outs])
     assert all(g.isfinite().all() for g in grads)
-    ref = cpu_path.mhc_pre(X.detach().double(), phi.detach().double(), alpha.detach().double(), bias.detach().double(), 20, 1e-6)
+    X64, phi64, alpha64, bias64 = (t.detach().double() for t in (X, phi, alpha, bias))
+    H_pre, H_post, H_res = MF.mhc_coefficients(X64, phi64, alpha64, bias64, sinkhorn_iters=20, eps=1e-6)
+    ref = (MF.pre_mix(X64, H_pre), H_pre, H_post, H_res)
     assert all(rel_err(o, r) <= 1e-5 for o, r in zip(outs, ref))
 
 

@@ -1,14 +1,14 @@
 """Pure-torch implementations of the fused ops: what they compute where Triton does not run,
 and what ONNX export decomposes them into.
 
-The forwards compose :mod:`mhc_fx.nn.functional` (the single source of truth), spelled for
-the CPU: the Sinkhorn iterates are kept tokens-last (``[n, n, T]``: every step a vectorised
-loop over tokens, not an n-wide reduction per token; ~6× faster compiled, ~3× eagerly) and
-the stream mixing is a broadcast sum where Inductor compiles it (:func:`mix`), and there the
-Sinkhorn iterations are one ``scan`` (:func:`_compiled_loops`). The
-backwards are written out in closed form, because autograd cannot run inside a custom op's
-body. The tests check forwards against the reference and backwards against autograd through
-it. Shapes as the kernels':
+The forwards compute the math of :mod:`mhc_fx.nn.functional` (the single source of truth),
+spelled for the CPU: the Sinkhorn iterates are kept tokens-last (``[n, n, T]``: every step a
+vectorised loop over tokens, not an n-wide reduction per token; ~6× faster compiled, ~3×
+eagerly). Where Inductor compiles them, the stream mixing is a broadcast sum (:func:`mix`) and
+the Sinkhorn iterations one ``scan`` (:func:`_compiled_loops`). The backwards are written out
+in closed form, because autograd cannot run inside a custom op's body. The tests check
+forwards against the functional reference and backwards against autograd through it. Shapes
+as the kernels':
 ``X [T, n, C]``, ``y/h [T, C]``, ``H_pre/H_post [T, n]``, ``H_res [T, n, n]``, ``φ [nC, K]``,
 ``K = n² + 2n``.
 """
