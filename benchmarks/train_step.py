@@ -11,8 +11,8 @@ first call after ``.eval()`` (for a converted model a new specialisation: the co
 capture and rewrite, plus the forward).
 
 ``--backend mhc``: ``torch.compile(fullgraph=True)`` of the baseline (Inductor) against the
-converted mHC model compiled by the ``mhc`` backend (without and with selective recomputation)
-and by plain Inductor: the time of the first training step (Dynamo + fusion + AOTAutograd +
+converted mHC model compiled by the ``mhc`` backend (without and with selective recomputation;
+on CPU also with ``cpu_ops_in_graph``) and by plain Inductor: the time of the first training step (Dynamo + fusion + AOTAutograd +
 Inductor compile + the step; compile caches off), the median step (the rows' steps timed in
 turn, round by round, after all first steps: this machine drifts by ~10 % within a run), and
 saved bytes.
@@ -127,6 +127,8 @@ def compiled_table(args, base, ids, targets) -> Table:
         (f"mhc n={args.n}", converted, "mhc"),
         (f"mhc n={args.n}", converted, mhc_backend.options(recompute=True)),
     ]
+    if args.device == "cpu":
+        rows.append((f"mhc n={args.n}", converted, mhc_backend.options(cpu_ops_in_graph=True)))
     if args.plain_inductor:
         rows.append((f"mhc n={args.n}", converted, "inductor"))
     firsts = [first_compiled_step(model, backend, ids, targets, args.device) for _, model, backend in rows]
@@ -135,7 +137,7 @@ def compiled_table(args, base, ids, targets) -> Table:
     for (name, _, backend), (_, first, mem), step in zip(rows, firsts, medians):
         values = (first, step * 1e3, mem / 2**20)
         ref = ref or values
-        label = backend if isinstance(backend, str) else "mhc, recompute"
+        label = backend if isinstance(backend, str) else "mhc, " + ("recompute" if backend.options.recompute else "ops in graph")
         table.add_row(name, label, *_with_ratios(values, ref))
     return table
 

@@ -150,6 +150,9 @@ def test_backend_is_registered_and_checks_its_options():
     assert mhc_backend.BackendOptions.parse({"compile_cpu_ops": False}).compile_cpu_ops is False
     with pytest.raises(ConfigError, match="recompute_every must be an int ≥ 1"):
         mhc_backend.BackendOptions.parse({"recompute": True, "recompute_every": 0})
+    for clash in ({"recompute": True}, {"compile_cpu_ops": False}):
+        with pytest.raises(ConfigError, match="cpu_ops_in_graph traces the compiled CPU path"):
+            mhc_backend.options(cpu_ops_in_graph=True, **clash)
 
 
 @needs_kernels
@@ -242,3 +245,22 @@ def test_channel_first_blocks_are_checked_on_a_few_tokens_and_fused(monkeypatch)
     assert _grads(model).keys() == eager.keys()
     for name, ref in eager.items():
         assert rel_err(_grads(model)[name], ref) <= 1e-4, name
+
+
+@pytest.mark.parametrize("shape", [(2, 16), (1, 1)])
+def test_cpu_path_traced_into_the_graph_matches_float64(monkeypatch, shape):
+    """``cpu_ops_in_graph``: without Triton the fused ops' CPU path is traced into the model's
+    forward and backward graphs (the Sinkhorn as its own compiled ops): off init, at the conversion's shape and at
+    batch 1 / length 1, outputs and every gradient against the float64 model."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ids = torch.randint(0, 96, shape)
+    model = mhc_fx.convert(TinyGPT(layers=2, dim=32, heads=2), (torch.randint(0, 96, (2, 16)),), n=4, sinkhorn_iters=ITERS)
+    _randomize_connections(model)
+    used = []
+    original = runtime.reference
+    monkeypatch.setattr(runtime, "reference", lambda fn, path: used.append(fn.__name__) or original(fn, path))
+    backend = mhc_backend.options(cpu_ops_in_graph=True)
+    runs, _, report = _eager_and_compiled(model, copy.deepcopy(model).double(), (ids,), {}, backend=backend)
+    _assert_equal(runs)
+    assert report.num_pre == report.num_post_res == 4 and not report.unfused, str(report)
+    assert set(used) == {"sinkhorn", "sinkhorn_backward"}  # no op ran its own compiled CPU path

@@ -112,19 +112,29 @@ def test_two_compiled_models_keep_separate_reports():
 
 def test_cpu_path_is_pinned_per_compile(monkeypatch):
     """``compile_cpu_ops`` of one compile does not change another's ops (no process-wide
-    switch), and each op's backward runs the path its forward ran."""
+    switch), and each op's backward runs the path its forward ran. With ``cpu_ops_in_graph``
+    the ops' CPU path is traced into the model's graphs: at run time only the Sinkhorn ops run
+    their own compiled function."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     used = []
     original = runtime.reference
     monkeypatch.setattr(runtime, "reference", lambda fn, path: used.append((fn.__name__, path)) or original(fn, path))
     x = torch.randn(2, 3, 24)
-    for compile_cpu_ops, path in ((False, "reference"), (True, "compiled_reference"), (False, "reference")):
-        used.clear()
+    op_names = {"mhc_pre", "post_res", "mhc_pre_backward", "post_res_backward"}
+    cases = [
+        ({"compile_cpu_ops": False}, "reference", op_names),
+        ({}, "compiled_reference", op_names),
+        ({"cpu_ops_in_graph": True}, "compiled_reference", {"sinkhorn", "sinkhorn_backward"}),
+        ({"compile_cpu_ops": False}, "reference", op_names),
+    ]
+    for options, path, names in cases:
         model = PaperStyleNet(variants=[{}, {}])
-        out = torch.compile(model, backend=mhc_backend.options(compile_cpu_ops=compile_cpu_ops))(x)
-        out.sum().backward()
-        assert {p for _, p in used} == {path}
-        assert {name for name, _ in used} >= {"mhc_pre", "post_res", "mhc_pre_backward", "post_res_backward"}
+        compiled = torch.compile(model, backend=mhc_backend.options(**options))
+        compiled(x)  # the first call traces (and, traced into the graph, calls no CPU path)
+        used.clear()
+        compiled(x).sum().backward()
+        assert {p for _, p in used} == {path}, options
+        assert {name for name, _ in used} == names, options
 
 
 @needs_kernels

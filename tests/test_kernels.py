@@ -140,6 +140,40 @@ def test_compiled_cpu_path_at_edge_sizes_matches_the_reference(tokens, n):
     assert all(rel_err(g, e) <= 1e-5 for g, e in zip(grads, expected) if e.numel() and e.abs().max() > 0)
 
 
+@pytest.mark.parametrize("tokens,n", [(0, 4), (1, 1), (5, 4)])
+def test_sinkhorn_op_and_its_gradient_match_the_reference(tokens, n):
+    """The opaque Sinkhorn of the traced CPU path (``mhc_fx::sinkhorn``, compiled): values and
+    gradient against autograd through functional.py in float64, at spread logits too."""
+    logits = torch.randn(tokens, n, n) * torch.tensor([1.0, 30.0]).repeat(tokens)[:tokens, None, None]
+    logits.requires_grad_()
+    out = ops.sinkhorn(logits, ITERS)
+    upstream = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, logits, upstream)
+    ref_in = logits.detach().double().requires_grad_()
+    ref = MF.sinkhorn(ref_in, ITERS)
+    (expected,) = torch.autograd.grad(ref, ref_in, upstream.double())
+    assert out.shape == ref.shape and grad.shape == expected.shape
+    if tokens:
+        assert rel_err(out, ref) <= 1e-5 and rel_err(grad, expected) <= 1e-5
+    torch.library.opcheck(ops.sinkhorn, (logits, ITERS))
+    torch.library.opcheck(ops.sinkhorn_backward, (logits.detach(), upstream, ITERS))
+    with pytest.raises(ValueError, match=r"logits must be CPU \[\.\.\., n, n\]"):
+        ops.sinkhorn(torch.randn(3, 2, 4), ITERS)
+
+
+def test_compiled_cpu_path_past_the_recompile_limit_warns_and_runs_eagerly():
+    def row_sums(x):  # a code object of its own: no compiles of other tests count against its limit
+        return torch.log_softmax(x, dim=-1).exp().sum(-1)
+
+    compiled = runtime.CompiledReference(row_sums)
+    first, other = torch.randn(3, 2, 2), torch.randn(5, 4, 4)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        assert rel_err(compiled(first), torch.ones(3, 2)) <= 1e-6
+        with pytest.warns(UserWarning, match="CPU path of row_sums reached Dynamo's recompile limit .* run it eagerly"):
+            assert rel_err(compiled(other), torch.ones(5, 4)) <= 1e-6
+        assert rel_err(compiled(first), torch.ones(3, 2)) <= 1e-6  # the compiled shape still runs
+
+
 @needs_kernels
 @pytest.mark.parametrize("op", ["mhc_pre", "post_res", "post_res_pre"])
 def test_fp64_gradcheck_through_interpreted_kernels(op):

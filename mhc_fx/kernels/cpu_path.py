@@ -15,22 +15,35 @@ as the kernels':
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 
 from ..nn import functional as MF
 
 
+class SinkhornOps(NamedTuple):
+    """How the CPU path computes the Sinkhorn projection and its exact gradient:
+    ``forward(logits [..., n, n], iters) → H_res``, ``backward(logits, grad, iters) → ∂L/∂logits``
+    (:func:`sinkhorn` and :func:`sinkhorn_backward` here; the ``mhc`` backend passes the ops
+    ``mhc_fx::sinkhorn``/``sinkhorn_backward``, compiled once, when it traces the rest of the
+    CPU path into a model's graph)."""
+
+    forward: Callable[[torch.Tensor, int], torch.Tensor]
+    backward: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
 def mhc_pre(
     X: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, iters: int, eps: float,
-    path: str = "auto",
+    path: str = "auto", *, sinkhorn_ops: SinkhornOps | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(h, H_pre, H_post, H_res)``: :func:`~mhc_fx.nn.functional.mhc_coefficients`, then
     :func:`~mhc_fx.nn.functional.pre_mix` (``path``, where the op would run, does not change
-    the function: the decompositions accept and drop it)."""
+    the function: the decompositions accept and drop it; ``sinkhorn_ops``: see
+    :class:`SinkhornOps`, default :func:`sinkhorn`)."""
+    project = (sinkhorn_ops or DIRECT).forward
     H_pre, H_post, H_res = MF.mhc_coefficients(
-        X, phi, alpha, bias, sinkhorn_iters=iters, eps=eps, project_res=lambda logits: sinkhorn(logits, iters)
+        X, phi, alpha, bias, sinkhorn_iters=iters, eps=eps, project_res=lambda logits: project(logits, iters)
     )
     return MF.pre_mix(X, H_pre), H_pre, H_post, H_res
 
@@ -149,6 +162,10 @@ def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int) -> t
     return g.movedim((0, 1), (-2, -1))
 
 
+#: The Sinkhorn of this module (traced or run as it is).
+DIRECT = SinkhornOps(sinkhorn, sinkhorn_backward)
+
+
 def _step_back(g: torch.Tensor, step: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradient through one (column, row) step, given its normalised iterates (a ``scan``
     body, walked in reverse)."""
@@ -161,8 +178,10 @@ def _step_back(g: torch.Tensor, step: tuple[torch.Tensor, torch.Tensor]) -> tupl
 def mhc_pre_backward(
     X: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor,
     dh: torch.Tensor, dH_pre: torch.Tensor, dH_post: torch.Tensor, dH_res: torch.Tensor, iters: int, eps: float,
+    *, sinkhorn_ops: SinkhornOps | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dX, dφ, dα, db)`` of :func:`mhc_pre` (formulas in :mod:`mhc_fx.kernels.pre`)."""
+    """``(dX, dφ, dα, db)`` of :func:`mhc_pre` (formulas in :mod:`mhc_fx.kernels.pre`;
+    ``sinkhorn_ops`` as :func:`mhc_pre`'s)."""
     T, n, C = X.shape
     dt = MF.compute_dtype(X.dtype)
     v = X.reshape(T, n * C).to(dt)
@@ -175,7 +194,7 @@ def mhc_pre_backward(
     x_dh = (X.to(dt) * dh.to(dt).unsqueeze(1)).sum(dim=-1)  # [T, n]
     d_pre = (dH_pre.to(dt) + x_dh) * H_pre * (1 - H_pre)
     d_post = dH_post.to(dt) * 2 * half * (1 - half)
-    d_res = sinkhorn_backward(ht[:, 2 * n :].unflatten(-1, (n, n)), dH_res.to(dt), iters).flatten(-2)
+    d_res = (sinkhorn_ops or DIRECT).backward(ht[:, 2 * n :].unflatten(-1, (n, n)), dH_res.to(dt), iters).flatten(-2)
     dht = torch.cat([d_pre, d_post, d_res], dim=-1)
     draw = dht * gate / r
     dr = -(draw * hn).sum(dim=-1, keepdim=True)

@@ -6,6 +6,10 @@
 ``torch.ops.mhc_fx.post_res_pre``      post_res of block l, then mhc_pre of block l+1 on its
                                        output: ``→ (X_next, h, H_pre, H_post, H_res)``
 ``…_backward``                         their gradients (ops too, so compiled graphs keep them)
+``torch.ops.mhc_fx.sinkhorn``          ``(logits, iters) → H_res`` on CPU, compiled: the part of
+                                       the CPU path the ``mhc`` backend keeps opaque when it
+                                       traces the rest into a model's graph
+                                       (:func:`traced_cpu_decompositions`)
 =====================================  ==========================================================
 
 Streams are ``X [..., n, C]`` (any leading dims, flattened to T tokens), ``y``/``h [..., C]``;
@@ -22,6 +26,10 @@ forward resolved. Gradients are first order (no double backward).
 
 from __future__ import annotations
 
+import functools
+import inspect
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -29,6 +37,11 @@ from ..nn.functional import compute_dtype
 from . import cpu_path, runtime
 
 MAX_STREAMS = 8
+
+#: How an op body runs a function of :mod:`mhc_fx.kernels.cpu_path` on a CPU path:
+#: ``cpu(fn, path) → callable`` (:func:`mhc_fx.kernels.runtime.reference` when the op runs;
+#: :func:`_traced` when the ``mhc`` backend traces the op into a model's graph).
+CpuPath = Callable[[Callable, str], Callable]
 
 
 def _check_stream(X: Tensor, op: str) -> None:
@@ -90,6 +103,11 @@ def mhc_pre(
     X: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int, eps: float, path: str = "auto"
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """mHC pre side of one block: ``(h [..., C], H_pre [..., n], H_post [..., n], H_res [..., n, n])``."""
+    return _mhc_pre(X, phi, alpha, bias, iters, eps, path, runtime.reference)
+
+
+def _mhc_pre(X, phi, alpha, bias, iters, eps, path, cpu: CpuPath):
+    """The body of :func:`mhc_pre`; ``cpu`` picks how the CPU path runs (:data:`CpuPath`)."""
     _check_pre(X, phi, alpha, bias, iters)
     args = (_tokens(X), _acc(phi, X), _acc(alpha, X), _acc(bias, X), iters, eps)
     path = runtime.resolve_path(path, X)
@@ -98,7 +116,7 @@ def mhc_pre(
 
         outs = pre.mhc_pre_fwd(*args)
     else:
-        outs = runtime.reference(cpu_path.mhc_pre, path)(*args)
+        outs = cpu(cpu_path.mhc_pre, path)(*args)
     return _pre_outputs(X.shape[:-2], X.shape[-1], outs)
 
 
@@ -117,6 +135,11 @@ def mhc_pre_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dX, dφ, dα, db)`` of :func:`mhc_pre` for the gradients of its four outputs,
     computed on ``path`` (the one the forward resolved)."""
+    return _mhc_pre_backward(X, phi, alpha, bias, dh, dH_pre, dH_post, dH_res, iters, eps, path, runtime.reference)
+
+
+def _mhc_pre_backward(X, phi, alpha, bias, dh, dH_pre, dH_post, dH_res, iters, eps, path, cpu: CpuPath):
+    """The body of :func:`mhc_pre_backward` (``cpu`` as :func:`_mhc_pre`'s)."""
     _check_pre(X, phi, alpha, bias, iters)
     grads = (_rows(dh, 1).to(X.dtype), _acc(_rows(dH_pre, 1), X), _acc(_rows(dH_post, 1), X), _acc(_rows(dH_res, 2), X))
     args = (_tokens(X), _acc(phi, X), _acc(alpha, X), _acc(bias, X), *grads, iters, eps)
@@ -126,7 +149,7 @@ def mhc_pre_backward(
 
         dX, dphi, dalpha, dbias = pre.mhc_pre_bwd(*args)
     else:
-        dX, dphi, dalpha, dbias = runtime.reference(cpu_path.mhc_pre_backward, path)(*args)
+        dX, dphi, dalpha, dbias = cpu(cpu_path.mhc_pre_backward, path)(*args)
     return dX.reshape(X.shape), dphi.to(phi.dtype), dalpha.to(alpha.dtype), dbias.to(bias.dtype)
 
 
@@ -172,6 +195,11 @@ mhc_pre.register_autograd(_pre_backward, setup_context=_pre_setup_context)
 @torch.library.custom_op("mhc_fx::post_res", mutates_args=())
 def post_res(X: Tensor, y: Tensor, H_post: Tensor, H_res: Tensor, path: str = "auto") -> Tensor:
     """Next stream ``X_next [..., n, C] = H_res·X + H_postᵀ·y``."""
+    return _post_res(X, y, H_post, H_res, path, runtime.reference)
+
+
+def _post_res(X, y, H_post, H_res, path, cpu: CpuPath):
+    """The body of :func:`post_res` (``cpu`` as :func:`_mhc_pre`'s)."""
     _check_post(X, y, H_post, H_res)
     args = (_tokens(X), _rows(y, 1).to(X.dtype), _acc(_rows(H_post, 1), X), _acc(_rows(H_res, 2), X))
     path = runtime.resolve_path(path, X)
@@ -180,7 +208,7 @@ def post_res(X: Tensor, y: Tensor, H_post: Tensor, H_res: Tensor, path: str = "a
 
         out = kernels.post_res_fwd(*args)
     else:
-        out = runtime.reference(cpu_path.post_res, path)(*args)
+        out = cpu(cpu_path.post_res, path)(*args)
     return out.reshape(X.shape)
 
 
@@ -196,6 +224,11 @@ def post_res_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dX, dy, dH_post, dH_res)`` of :func:`post_res` for ``grad = ∂L/∂X_next``,
     computed on ``path`` (the one the forward resolved)."""
+    return _post_res_backward(X, y, H_post, H_res, grad, path, runtime.reference)
+
+
+def _post_res_backward(X, y, H_post, H_res, grad, path, cpu: CpuPath):
+    """The body of :func:`post_res_backward` (``cpu`` as :func:`_mhc_pre`'s)."""
     _check_post(X, y, H_post, H_res)
     args = (_tokens(X), _rows(y, 1).to(X.dtype), _acc(_rows(H_post, 1), X), _acc(_rows(H_res, 2), X),
             _tokens(grad).to(X.dtype))
@@ -205,7 +238,7 @@ def post_res_backward(
 
         dX, dy, dH_post, dH_res = kernels.post_res_bwd(*args)
     else:
-        dX, dy, dH_post, dH_res = runtime.reference(cpu_path.post_res_backward, path)(*args)
+        dX, dy, dH_post, dH_res = cpu(cpu_path.post_res_backward, path)(*args)
     return (dX.reshape(X.shape), dy.reshape(y.shape).to(y.dtype), dH_post.reshape(H_post.shape).to(H_post.dtype),
             dH_res.reshape(H_res.shape).to(H_res.dtype))
 
@@ -237,6 +270,11 @@ def post_res_pre(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``X_next = post_res(X, y, H_post, H_res)`` and ``mhc_pre(X_next, φ, α, b)`` in one pass:
     ``(X_next, h, H_pre, H_post', H_res')`` (X_next is read from registers, not memory)."""
+    return _post_res_pre(X, y, H_post, H_res, phi, alpha, bias, iters, eps, path, runtime.reference)
+
+
+def _post_res_pre(X, y, H_post, H_res, phi, alpha, bias, iters, eps, path, cpu: CpuPath):
+    """The body of :func:`post_res_pre` (``cpu`` as :func:`_mhc_pre`'s)."""
     _check_post(X, y, H_post, H_res)
     _check_pre(X, phi, alpha, bias, iters)
     post_args = (_tokens(X), _rows(y, 1).to(X.dtype), _acc(_rows(H_post, 1), X), _acc(_rows(H_res, 2), X))
@@ -248,8 +286,8 @@ def post_res_pre(
         X_next, *outs = pre.post_res_pre_fwd(*post_args, *pre_args)
     else:
         # the two functions the other ops compile already (one compile each, shared by every block)
-        X_next = runtime.reference(cpu_path.post_res, path)(*post_args)
-        outs = runtime.reference(cpu_path.mhc_pre, path)(X_next, *pre_args)
+        X_next = cpu(cpu_path.post_res, path)(*post_args)
+        outs = cpu(cpu_path.mhc_pre, path)(X_next, *pre_args)
     return (X_next.reshape(X.shape), *_pre_outputs(X.shape[:-2], X.shape[-1], tuple(outs)))
 
 
@@ -276,6 +314,99 @@ def _post_pre_backward(ctx, dX_next, dh, dH_pre, dH_post, dH_res):
 
 
 post_res_pre.register_autograd(_post_pre_backward, setup_context=_post_pre_setup_context)
+
+
+# ----------------------------------------------------------------------------- sinkhorn
+@torch.library.custom_op("mhc_fx::sinkhorn", mutates_args=())
+def sinkhorn(logits: Tensor, iters: int) -> Tensor:
+    """``H_res [..., n, n] = Sinkhorn(logits [..., n, n])`` (``iters`` log-domain steps), in the
+    logits' compute dtype, on CPU tensors: :func:`mhc_fx.kernels.cpu_path.sinkhorn` compiled by
+    Inductor once per shape. The piece of the CPU path that the ``mhc`` backend keeps opaque
+    when it traces the rest of the fused ops into a model's graph: one compiled ``scan``
+    shared by every block, where tracing it would compile the iterations once per block."""
+    _check_logits(logits, iters)
+    return runtime.reference(cpu_path.sinkhorn, "compiled_reference")(logits, iters)
+
+
+def _check_logits(logits: Tensor, iters: int) -> None:
+    if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2] or logits.device.type != "cpu":
+        raise ValueError(f"mhc_fx.sinkhorn: logits must be CPU [..., n, n], got {tuple(logits.shape)} on {logits.device}")
+    if iters < 1:
+        raise ValueError(f"mhc_fx.sinkhorn: iters (Sinkhorn iterations) must be ≥ 1, got {iters}")
+
+
+@sinkhorn.register_fake
+def _(logits, iters):
+    _check_logits(logits, iters)
+    return logits.new_empty(logits.shape, dtype=compute_dtype(logits.dtype))
+
+
+@torch.library.custom_op("mhc_fx::sinkhorn_backward", mutates_args=())
+def sinkhorn_backward(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
+    """``∂L/∂logits`` of :func:`sinkhorn` for ``grad = ∂L/∂H_res`` (both ``[..., n, n]``, in the
+    compute dtype): :func:`mhc_fx.kernels.cpu_path.sinkhorn_backward`, compiled likewise."""
+    _check_logits(logits, iters)
+    return runtime.reference(cpu_path.sinkhorn_backward, "compiled_reference")(logits, grad, iters).contiguous()
+
+
+@sinkhorn_backward.register_fake
+def _(logits, grad, iters):
+    _check_logits(logits, iters)
+    return grad.new_empty(grad.shape)
+
+
+def _sinkhorn_setup_context(ctx, inputs, output):
+    logits, ctx.iters = inputs
+    ctx.save_for_backward(logits)
+
+
+def _sinkhorn_backward(ctx, grad):
+    (logits,) = ctx.saved_tensors
+    return torch.ops.mhc_fx.sinkhorn_backward(logits, grad.to(compute_dtype(logits.dtype)), ctx.iters).to(logits.dtype), None
+
+
+sinkhorn.register_autograd(_sinkhorn_backward, setup_context=_sinkhorn_setup_context)
+
+#: The Sinkhorn of the CPU path as the two ops above.
+_SINKHORN_OPS = cpu_path.SinkhornOps(torch.ops.mhc_fx.sinkhorn, torch.ops.mhc_fx.sinkhorn_backward)
+
+
+def _traced(fn: Callable, path: str) -> Callable:
+    """:data:`CpuPath` of ops traced into a compiled graph: ``fn`` itself (its ATen ops join the
+    graph), with the Sinkhorn iterations through the opaque :func:`sinkhorn` ops."""
+    if fn in (cpu_path.mhc_pre, cpu_path.mhc_pre_backward):
+        return functools.partial(fn, sinkhorn_ops=_SINKHORN_OPS)
+    return fn
+
+
+def _traced_decomposition(body: Callable) -> Callable:
+    """The decomposition of the op whose body is ``body``: the body traced with :func:`_traced`
+    for calls pinned to ``compiled_reference``; ``NotImplemented`` (the op stays: its kernels,
+    or the eager reference) for any other path."""
+    names = list(inspect.signature(body).parameters)[:-1]  # the op's arguments, in order (then cpu)
+
+    def decomposition(*args, **kwargs):
+        arguments = dict(zip(names, args), **kwargs)
+        if arguments.get("path", "auto") != "compiled_reference":
+            return NotImplemented
+        return body(**arguments, cpu=_traced)
+
+    return decomposition
+
+
+def traced_cpu_decompositions() -> dict:
+    """``{op overload: decomposition}`` for a compiler's decomposition table (the ``mhc``
+    backend's, for AOTAutograd): each forward and backward op pinned to
+    ``compiled_reference`` becomes the ATen ops of its CPU path, which Inductor then compiles
+    and fuses with the rest of the model's forward or backward graph (no per-call dispatch of
+    a separately compiled op); the Sinkhorn iterations stay opaque (:func:`sinkhorn`). Ops on
+    other paths are left as they are."""
+    ops = torch.ops.mhc_fx
+    bodies = {
+        ops.mhc_pre: _mhc_pre, ops.mhc_pre_backward: _mhc_pre_backward, ops.post_res: _post_res,
+        ops.post_res_backward: _post_res_backward, ops.post_res_pre: _post_res_pre,
+    }
+    return {op.default: _traced_decomposition(body) for op, body in bodies.items()}
 
 
 def decompositions() -> dict:

@@ -17,6 +17,7 @@ import importlib.util
 import dataclasses
 import functools
 import os
+import warnings
 from typing import Callable, Iterator, NamedTuple
 
 import torch
@@ -85,7 +86,7 @@ def use_triton(t: torch.Tensor | torch.device) -> bool:
 
 #: Where an op call runs: ``triton`` (the kernels: compiled on CUDA, interpreted on CPU),
 #: ``reference`` (the pure-torch CPU path, eagerly) or ``compiled_reference`` (the CPU path
-#: compiled by Inductor once per op and shape: eagerly, the small ops of every Sinkhorn
+#: compiled by Inductor (:func:`reference`): eagerly, the small ops of every Sinkhorn
 #: iteration on ``[T, n, n]`` cost more than the stream traffic). ``auto`` picks ``triton``
 #: where :func:`use_triton` says so, else ``reference``.
 PATHS = ("auto", "triton", "reference", "compiled_reference")
@@ -118,18 +119,41 @@ def pinned_path(device: torch.device, cpu: str) -> str:
     return "triton" if use_triton(device) else cpu
 
 
-_compiled: dict[Callable, Callable] = {}
+_compiled: dict[Callable, "CompiledReference"] = {}
 
 
 def reference(fn: Callable, path: str) -> Callable:
     """``fn`` (a function of :mod:`mhc_fx.kernels.cpu_path`) as ``path`` runs it: as is, or
-    compiled by Inductor (``fullgraph``, static shapes: one compile per function and shape,
-    shared by every block)."""
+    compiled by Inductor (:class:`CompiledReference`, one per function, shared by every block)."""
     if path != "compiled_reference":
         return fn
     if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
+        _compiled[fn] = CompiledReference(fn)
     return _compiled[fn]
+
+
+class CompiledReference:
+    """``fn`` compiled by Inductor (``fullgraph``, static shapes: one compile per shape; symbolic
+    sizes trip the Sinkhorn ``scan``). A call that would pass Dynamo's recompile limit
+    (``torch._dynamo.config.recompile_limit`` variants of the inputs) runs ``fn`` eagerly
+    instead — the same function, slower — and says so once in a warning."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn, self.compiled, self.warned = fn, torch.compile(fn, fullgraph=True, dynamic=False), False
+
+    def __call__(self, *args):
+        try:
+            return self.compiled(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            if not self.warned:
+                self.warned = True
+                warnings.warn(
+                    f"mhc_fx: the compiled CPU path of {self.fn.__name__} reached Dynamo's recompile limit "
+                    f"({torch._dynamo.config.recompile_limit} input variants); calls with new shapes run it eagerly "
+                    "(same results, slower). Raise torch._dynamo.config.recompile_limit to compile them.",
+                    stacklevel=2,
+                )
+            return self.fn(*args)
 
 
 def count(name: str) -> None:
