@@ -247,14 +247,14 @@ def test_channel_first_blocks_are_checked_on_a_few_tokens_and_fused(monkeypatch)
         assert rel_err(_grads(model)[name], ref) <= 1e-4, name
 
 
-@pytest.mark.parametrize("shape", [(2, 16), (1, 1)])
-def test_cpu_path_traced_into_the_graph_matches_float64(monkeypatch, shape):
+def test_cpu_path_traced_into_the_graph_matches_float64(monkeypatch):
     """``cpu_ops_in_graph``: without Triton the fused ops' CPU path is traced into the model's
-    forward and backward graphs (the Sinkhorn as its own compiled ops): off init, at the conversion's shape and at
-    batch 1 / length 1, outputs and every gradient against the float64 model."""
+    forward and backward graphs (the Sinkhorn as its own compiled ops): off init, outputs and
+    every gradient against the float64 model; then the same compiled model at batch 1 /
+    length 1 and another shape (Dynamo's graph with symbolic sizes) against eager."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    ids = torch.randint(0, 96, shape)
-    model = mhc_fx.convert(TinyGPT(layers=2, dim=32, heads=2), (torch.randint(0, 96, (2, 16)),), n=4, sinkhorn_iters=ITERS)
+    ids = torch.randint(0, 96, (2, 16))
+    model = mhc_fx.convert(TinyGPT(layers=2, dim=32, heads=2), (ids,), n=4, sinkhorn_iters=ITERS)
     _randomize_connections(model)
     used = []
     original = runtime.reference
@@ -264,3 +264,16 @@ def test_cpu_path_traced_into_the_graph_matches_float64(monkeypatch, shape):
     _assert_equal(runs)
     assert report.num_pre == report.num_post_res == 4 and not report.unfused, str(report)
     assert set(used) == {"sinkhorn", "sinkhorn_backward"}  # no op ran its own compiled CPU path
+    compiled = torch.compile(model, backend=backend)
+    for shape in [(1, 1), (3, 5)]:
+        ids = torch.randint(0, 96, shape)
+        model.zero_grad(set_to_none=True)
+        _loss(model(ids)).backward()
+        eager = _grads(model)
+        model.zero_grad(set_to_none=True)
+        out = compiled(ids)
+        _loss(out).backward()
+        assert rel_err(out, model(ids)) <= 1e-5, shape
+        for name, ref in eager.items():
+            assert rel_err(_grads(model)[name], ref) <= 1e-4, (shape, name)
+    assert all(r.num_pre == 4 and not r.unfused for r in mhc_fx.fusion_reports(model))
