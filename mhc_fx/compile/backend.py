@@ -72,8 +72,8 @@ class BackendOptions:
         cpu_ops_in_graph: with ``compile_cpu_ops``, trace the ops' CPU path into the model's
             forward and backward graphs (the Sinkhorn iterations as ops compiled once per
             shape) instead of calling each op's own compiled function: Inductor fuses the
-            connections' math with the model's (12-layer GPT on 2 CPU cores: step −5 %, first
-            step +10 s). Not with ``recompute``, whose plan tags the ops themselves.
+            connections' math with the model's (12-layer GPT on 2 CPU cores: step −3 to −6 %,
+            first step +15–19 s). Not with ``recompute``, whose plan tags the ops themselves.
     """
 
     cross_layer: bool = True
