@@ -48,6 +48,26 @@ def full_state(model):
     return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
 
 
+def record_fsdp_events() -> list[tuple[str, str]]:
+    """A list that fills with ``(event, unit)`` as FSDP2's parameter groups unshard for forward,
+    reshard after it and reduce-scatter after backward (the unit: its module path, ``""`` for the
+    root)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    events = []
+
+    def recording(name, method):
+        def wrapper(self, *args, **kwargs):
+            events.append((name, self._module_fqn))
+            return method(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("pre_forward", "post_forward", "post_backward"):
+        setattr(FSDPParamGroup, name, recording(name, getattr(FSDPParamGroup, name)))
+    return events
+
+
 def run(rank: int, world: int, port: int, mode: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -59,17 +79,20 @@ def run(rank: int, world: int, port: int, mode: str, out: str) -> None:
         else:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
-
-            mesh = init_device_mesh("cpu", (world,))
-            wrapped = fully_shard(model, mesh=mesh)  # one FSDP2 unit: the whole model, connections included
             from torch.distributed.tensor import DTensor
 
+            mesh = init_device_mesh("cpu", (world,))
+            if mode == "fsdp2_per_layer":  # a unit per block (its connections included), then the rest
+                for block in model.blocks:
+                    fully_shard(block, mesh=mesh)
+            wrapped = fully_shard(model, mesh=mesh)
             unsharded = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
             assert not unsharded, f"parameters left out of FSDP2: {unsharded}"
+        events = record_fsdp_events() if mode.startswith("fsdp2") else []
         losses = torch.stack(train(wrapped, shard))
         dist.all_reduce(losses)  # the mean over ranks is the combined batch's loss
         state = full_state(model)
         if rank == 0:
-            torch.save({"losses": losses / world, "state": state}, out)
+            torch.save({"losses": losses / world, "state": state, "events": events}, out)
     finally:
         dist.destroy_process_group()

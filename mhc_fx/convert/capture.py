@@ -134,10 +134,11 @@ def has_checkpointed_regions(gm: fx.GraphModule) -> bool:
     return any("recompute" in node.meta for node in gm.graph.nodes)
 
 
-def inline_modules(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+def inline_modules(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, list[str]]:
     """``gm`` with its ``call_module`` nodes traced into ATen ops, and the tensors of those
     modules (parameters, buffers) lifted to extra inputs after ``example_inputs``: the form a
-    ``torch.compile`` backend takes (it sees every op, and every parameter as an input)."""
+    ``torch.compile`` backend takes (it sees every op, and every parameter as an input). Returns
+    the new graph and the names in ``gm`` of the lifted tensors, in input order."""
     state = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
     names, tensors = list(state), list(state.values())
     count = len(example_inputs)
@@ -152,7 +153,23 @@ def inline_modules(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphMo
     fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in (*example_inputs, *tensors)]
     with torch.fx.traceback.preserve_node_meta(), fake_mode:
         flat = make_fx(run, pre_dispatch=True)(*fakes)
-    return flat, list(tensors)
+    return flat, names
+
+
+class StateReader:
+    """Reads tensors of a module tree by dotted name (``"blocks.0.mlp_mhc.alpha"``) at each call,
+    from the dict they are registered in: the tensor registered now, even where a wrapper (FSDP2)
+    swaps parameter objects between calls."""
+
+    def __init__(self, root: nn.Module, names: list[str]) -> None:
+        self.slots = []
+        for name in names:
+            path, _, attr = name.rpartition(".")
+            module = root.get_submodule(path)
+            self.slots.append((module._parameters if attr in module._parameters else module._buffers, attr))
+
+    def __call__(self) -> list[torch.Tensor]:
+        return [registered[attr] for registered, attr in self.slots]
 
 
 class _Interpreted(nn.Module):

@@ -35,11 +35,13 @@ from torch._dynamo.eval_frame import OptimizedModule, _TorchDynamoContext, inner
 from ..config import MHCConfig
 from ..errors import CaptureError, MHCError
 from .capture import (
-    describe_inputs, has_checkpointed_regions, inline_modules, parameter_placeholders, prepare_hf, to_aten,
+    StateReader, describe_inputs, has_checkpointed_regions, inline_modules, parameter_placeholders, prepare_hf,
+    to_aten,
 )
 from .plan import Plan
 from .report import ConversionReport
 from .rewrite import analyse, rewrite_graph
+from .units import ShardedUnits, UnitsRunner, fsdp_units
 
 #: Dynamo settings of every guarded call: hooks added after a capture are guarded (so they
 #: fire), many specialisations are allowed, and running out of them raises instead of falling
@@ -99,29 +101,12 @@ def run_captured(compiled: Callable, model: nn.Module, args: tuple, kwargs: dict
             raise err.inner_exception.with_traceback(None) from None
         raise
     except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as err:
-        units = _fsdp_units(model)
-        if units:
-            raise CaptureError(
-                f"{type(model).__name__} has FSDP2 units inside it ({', '.join(units[:3])}"
-                f"{', ...' if len(units) > 3 else ''}): fully_shard per layer is not supported on a converted model yet "
-                "(a layer's hooks would unshard its parameters after the converted call has read them). Fix: shard "
-                "the whole model as one unit, fully_shard(model), or use DDP"
-            ) from err
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CaptureError(
             f"could not capture {type(model).__name__} in one graph with Dynamo ({first}); mhc_fx runs only "
             "what Dynamo captures whole. Fix: make that code traceable (no data-dependent Python control "
             "flow, no unsupported calls), or call the model with inputs and flags whose code path traces"
         ) from err
-
-
-def _fsdp_units(model: nn.Module) -> list[str]:
-    """Names of the submodules of ``model`` that FSDP2's ``fully_shard`` made units of."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return []
-    return [name for name, m in model.named_modules() if name and isinstance(m, FSDPModule)]
 
 
 def _reason(previous: CaptureRecord | None, inputs: dict[str, str], training: bool, grad: bool, backend: str) -> str:
@@ -193,6 +178,18 @@ def recomputing_eager(gm: fx.GraphModule, example_inputs: list) -> Callable:
     return aot_autograd(fw_compiler=nop, bw_compiler=nop, partition_fn=min_cut_rematerialization_partition)(gm, example_inputs)
 
 
+def runnable(gm: fx.GraphModule, example_inputs: list, backend: Any) -> Callable:
+    """What runs a rewritten capture (or one region of it): ``gm`` itself, or ``backend``'s
+    compilation of it (its modules inlined, their tensors read at each call). Checkpointed
+    regions need AOTAutograd's partitioner even without a backend (:func:`recomputing_eager`)."""
+    if backend is None and not has_checkpointed_regions(gm):
+        return gm
+    flat, names = inline_modules(gm, example_inputs)
+    state = StateReader(gm, names)
+    compiled = (backend or recomputing_eager)(flat, [*example_inputs, *state()])
+    return lambda *args: compiled(*args, *state())
+
+
 def _backend_name(backend: Any) -> str:
     return getattr(backend, "compiler_name", None) or getattr(backend, "__name__", None) or type(backend).__name__
 
@@ -209,13 +206,15 @@ class ConvertedForward:
     def __init__(self, model: nn.Module, plan: Plan, config: MHCConfig, report: ConversionReport) -> None:
         self.model, self.plan, self.config, self.report = model, plan, config, report
         self._compiled: list[tuple[Any, Callable]] = []  # (outer backend or None, compiled entry)
+        self._sharded: tuple[tuple, ShardedUnits] | None = None  # FSDP2 units: (their identity, layouts)
+        self._units: ShardedUnits | None = None  # set during a call of a model with FSDP2 units
         params = list(inspect.signature(type(model).forward).parameters.values())[1:]
         self.__signature__ = inspect.Signature(params)
         self.__doc__ = type(model).forward.__doc__
 
     def __getstate__(self) -> dict:  # pickle / deepcopy: compiled entries are rebuilt lazily
         state = dict(self.__dict__)
-        state["_compiled"] = []
+        state["_compiled"], state["_sharded"], state["_units"] = [], None, None
         return state
 
     def _compiled_for(self, backend: Any) -> Callable:
@@ -240,19 +239,32 @@ class ConvertedForward:
             a = analyse(aten, self.config.feature_dim, parameter_placeholders(aten, example_inputs))
             rewrite_graph(aten, a, self.plan, self.model, f"{type(self.model).__name__} called with {record}")
             self.report.captures.append(record)
-            if backend is None and not has_checkpointed_regions(aten):
-                return aten
-            flat, extra = inline_modules(aten, example_inputs)
-            if backend is None:  # checkpointed regions: AOTAutograd's partitioner recomputes them, ops run as traced
-                backend = recomputing_eager
-            compiled = backend(flat, [*example_inputs, *extra])
-        return lambda *args: compiled(*args, *extra)
+            if self._units is not None:
+                return UnitsRunner(aten, example_inputs, self._units, functools.partial(runnable, backend=backend))
+            return runnable(aten, example_inputs, backend)
 
     @torch.compiler.disable
     def __call__(self, *args, **kwargs):
         self.__signature__.bind(*args, **kwargs)  # the TypeError forward itself would raise
         prepare_hf(self.model, kwargs)
-        return run_captured(self._compiled_for(outer_backend(self.model)), self.model, args, kwargs)
+        compiled = self._compiled_for(outer_backend(self.model))
+        units = fsdp_units(self.model)
+        if not units:
+            return run_captured(compiled, self.model, args, kwargs)
+        self._units = self._sharded_units(units)
+        try:
+            with self._units.capture_layout():
+                return run_captured(compiled, self.model, args, kwargs)
+        finally:
+            self._units = None
+
+    def _sharded_units(self, units: dict[str, nn.Module]) -> ShardedUnits:
+        """The model's :class:`ShardedUnits`, made again when its units change (their stand-ins
+        stay the same objects across calls, which Dynamo's guards see)."""
+        key = tuple((path, id(unit)) for path, unit in units.items())
+        if self._sharded is None or self._sharded[0] != key:
+            self._sharded = (key, ShardedUnits(self.model, units))
+        return self._sharded[1]
 
     def __repr__(self) -> str:
         return f"<mhc_fx converted forward of {type(self.model).__name__}: {len(self.plan.blocks)} blocks>"

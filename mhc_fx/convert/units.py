@@ -1,0 +1,288 @@
+"""FSDP2 units inside a converted model: the rewritten capture run unit by unit.
+
+``fully_shard`` applied per layer (``for layer in model.layers: fully_shard(layer)``, then
+``fully_shard(model)``) makes each layer a *unit*: its parameters are sharded
+(``DTensor``) between calls, and its forward hooks all-gather them before the layer runs,
+free them after it, and reduce-scatter their gradients in backward. A converted model runs one
+captured graph, in which layers are no longer calls; so for such a model the guarded call
+(:mod:`.guarded`):
+
+1. captures and guards every call in the *capture layout* (:meth:`ShardedUnits.capture_layout`):
+   the units' FSDP2 hooks set aside (Dynamo cannot trace them: they are
+   ``torch._dynamo.disable``\\ d) and each sharded parameter replaced by a *stand-in*: a plain
+   ``nn.Parameter`` of the unsharded shape and dtype with no storage, so Dynamo traces the
+   layers as the unsharded model and its guards see the same tensors at every call;
+2. runs the rewritten capture with :class:`UnitsRunner`: the graph is split into one region per
+   unit (the ops that read the unit's parameters or call a module under it, and everything
+   between them) and root regions between; each unit region runs between the unit's own FSDP2
+   pre- and post-forward hooks, with the parameters the pre-forward hook has just unsharded, so
+   all-gather, reshard, the backward hooks and the gradient reduce-scatter happen as in the
+   unconverted model, one unit at a time.
+
+The model itself may be a unit too (``fully_shard(model)``): its hooks run around the whole call,
+as for any FSDP2 root. Not supported (``CaptureError``): units nested in other units below the
+model, units of several modules (``fully_shard([a, b])``), and a unit whose ops interleave with
+another unit's in the captured graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, NamedTuple
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.split_module import split_module
+
+from ..errors import CaptureError
+
+#: the FSDP2 unit class: None where torch.distributed is not built in
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover - torch builds without distributed
+    FSDPModule = None
+
+
+def fsdp_units(model: nn.Module) -> dict[str, nn.Module]:
+    """The submodules of ``model`` (not ``model`` itself) that ``fully_shard`` made units of, by path."""
+    if FSDPModule is None:
+        return {}
+    return {path: m for path, m in model.named_modules() if path and isinstance(m, FSDPModule)}
+
+
+class ParamSlot(NamedTuple):
+    """Where FSDP2 registers one parameter: ``module._parameters[name]``."""
+
+    module: nn.Module
+    name: str
+
+    def get(self) -> nn.Parameter:
+        return self.module._parameters[self.name]
+
+    def set(self, value: nn.Parameter) -> None:
+        self.module._parameters[self.name] = value
+
+
+class ShardedUnits:
+    """The FSDP2 units of a converted model and the two layouts its call switches between.
+
+    Attributes:
+        units: unit path → unit module (the model's own unit excluded); standins: the stand-in
+        parameter of each sharded parameter; owner: ``id(stand-in)`` → (unit path, slot).
+    """
+
+    def __init__(self, model: nn.Module, units: dict[str, nn.Module]) -> None:
+        self.model, self.units = model, units
+        for path, unit in units.items():
+            state = unit._get_fsdp_state()
+            if len(state._modules) != 1:
+                raise CaptureError(
+                    f"{path} is an FSDP2 unit of {len(state._modules)} modules (fully_shard([...])); a converted model "
+                    "supports units of one module. Fix: fully_shard each module on its own"
+                )
+            outer = [p for p in units if p != path and path.startswith(p + ".")]
+            if outer:
+                raise CaptureError(
+                    f"FSDP2 unit {path} is nested in unit {outer[0]}; a converted model supports one level of units "
+                    "below the model. Fix: fully_shard either the outer module or the inner ones"
+                )
+        self._slots: list[tuple[str, list[ParamSlot], nn.Parameter]] = []
+        self.owner: dict[int, tuple[str, ParamSlot]] = {}
+        for path, unit in units.items():
+            for group in unit._get_fsdp_state()._fsdp_param_groups:
+                for fsdp_param in group.fsdp_params:
+                    info = fsdp_param._module_info
+                    slots = [ParamSlot(info.module, info.param_name)]
+                    slots += [ParamSlot(m, n) for m, n in zip(info.shared_modules, info.shared_param_names)]
+                    standin = _standin(fsdp_param)
+                    self._slots.append((path, slots, standin))
+                    self.owner[id(standin)] = (path, slots[0])
+        self._hooks = [_FsdpHooks(unit) for unit in units.values()]
+
+    @contextlib.contextmanager
+    def capture_layout(self) -> Iterator[None]:
+        """The units' FSDP2 hooks set aside and their parameters replaced by stand-ins for the
+        duration of a guarded call: Dynamo's guards and captures see this layout."""
+        self._to_capture()
+        try:
+            yield
+        finally:
+            self._to_fsdp()
+
+    @contextlib.contextmanager
+    def fsdp_layout(self) -> Iterator[None]:
+        """Inside :meth:`capture_layout`: FSDP2's own layout (its hooks, the parameters it had
+        registered) while the captured graph runs, then the capture layout again for the rest of
+        Dynamo's frame."""
+        self._to_fsdp()
+        try:
+            yield
+        finally:
+            self._to_capture()
+
+    def _to_capture(self) -> None:
+        self._registered = [[slot.get() for slot in slots] for _, slots, _ in self._slots]
+        for _, slots, standin in self._slots:
+            for slot in slots:
+                slot.set(standin)
+        for hooks in self._hooks:
+            hooks.remove()
+
+    def _to_fsdp(self) -> None:
+        for hooks in self._hooks:
+            hooks.restore()
+        for (_, slots, _), values in zip(self._slots, self._registered):
+            for slot, value in zip(slots, values):
+                slot.set(value)
+
+
+class _FsdpHooks:
+    """FSDP2's forward pre- and post-hook of one unit, taken out of and put back into the
+    module's hook dicts at their places."""
+
+    def __init__(self, unit: nn.Module) -> None:
+        state = unit._get_fsdp_state()
+        self.entries = [
+            (unit._forward_pre_hooks, state._pre_forward_hook_handle.id),
+            (unit._forward_hooks, state._post_forward_hook_handle.id),
+        ]
+        self.removed: list[tuple[int, Any]] = []
+
+    def remove(self) -> None:
+        self.removed = []
+        for hooks, key in self.entries:
+            self.removed.append((list(hooks).index(key), hooks.pop(key)))
+
+    def restore(self) -> None:
+        for (hooks, key), (position, hook) in zip(self.entries, self.removed):
+            items = list(hooks.items())
+            items.insert(position, (key, hook))
+            hooks.clear()
+            hooks.update(items)
+
+
+def _standin(fsdp_param: Any) -> nn.Parameter:
+    """A storage-less ``nn.Parameter`` of the unsharded shape, dtype and device of ``fsdp_param``."""
+    sharded = fsdp_param.sharded_param
+    dtype = fsdp_param.mp_policy.param_dtype or sharded.dtype
+    data = torch.empty(fsdp_param._orig_size, dtype=dtype, device=fsdp_param.device)
+    data.untyped_storage().resize_(0)
+    return nn.Parameter(data, requires_grad=sharded.requires_grad)
+
+
+#: compiles one region of a split capture for its first inputs: ``(region, inputs) → callable``
+RegionCompiler = Callable[[fx.GraphModule, list], Callable]
+
+
+class UnitsRunner:
+    """Runs a rewritten capture (a pre-dispatch ATen graph from :mod:`.capture`, with the
+    connection modules as ``call_module`` nodes) of a model with FSDP2 units, unit by unit.
+
+    Called as Dynamo calls a compiled graph: with the graph's inputs, in which each sharded
+    parameter is its stand-in (:meth:`ShardedUnits.capture_layout`). Each unit region gets the
+    parameters registered on the unit once its FSDP2 pre-forward hook has run.
+
+    Args:
+        gm: the rewritten capture; example_inputs: the inputs it was captured with (the stand-ins
+        among them name the units' parameters); units: the model's units; compile_region: what
+        runs a region (each compiled once, at its first call).
+    """
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, units: ShardedUnits, compile_region: RegionCompiler) -> None:
+        self.units, self.compile_region = units, compile_region
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.slots: dict[fx.Node, tuple[str, ParamSlot]] = {
+            node: units.owner[id(x)] for node, x in zip(placeholders, example_inputs) if id(x) in units.owner
+        }
+        region = _regions(gm, self.slots, list(units.units))
+        self.split = split_module(gm, gm, lambda node: region[node][0], keep_original_order=True)
+        self.region_unit = {f"submod_{index}": unit for index, unit in region.values()}
+        self.param_args: dict[str, dict[int, ParamSlot]] = {}
+        originals = {node.name: node for node in placeholders}
+        for node in self.split.graph.nodes:
+            if node.op == "call_module":
+                self.param_args[node.target] = {
+                    i: self.slots[originals[a.name]][1]
+                    for i, a in enumerate(node.args)
+                    if isinstance(a, fx.Node) and a.op == "placeholder" and originals.get(a.name) in self.slots
+                }
+        self.compiled: dict[str, Callable] = {}
+
+    def __call__(self, *args: Any) -> Any:
+        with self.units.fsdp_layout():
+            return _UnitInterpreter(self).run(*args)
+
+    def run_region(self, target: str, args: tuple) -> Any:
+        """Run region ``target`` on ``args``; a unit region between its unit's FSDP2 hooks."""
+        unit_path = self.region_unit.get(target)
+        if unit_path is None:
+            return self._region(target, args)(*args)
+        unit = self.units.units[unit_path]
+        state = unit._get_fsdp_state()
+        params = self.param_args[target]
+        inputs = tuple(a for i, a in enumerate(args) if i not in params)
+        inputs, _ = state._pre_forward(unit, inputs, {})
+        values = iter(inputs)
+        full = tuple(params[i].get() if i in params else next(values) for i in range(len(args)))
+        return state._post_forward(unit, inputs, self._region(target, full)(*full))
+
+    def _region(self, target: str, args: tuple) -> Callable:
+        if target not in self.compiled:
+            self.compiled[target] = self.compile_region(getattr(self.split, target), list(args))
+        return self.compiled[target]
+
+
+class _UnitInterpreter(fx.Interpreter):
+    """Runs the split graph's regions through :meth:`UnitsRunner.run_region`."""
+
+    def __init__(self, runner: UnitsRunner) -> None:
+        super().__init__(runner.split)
+        self.runner = runner
+
+    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
+        return self.runner.run_region(target, args)
+
+
+def _unit_of(path: str, units: list[str]) -> str | None:
+    """The unit whose module holds ``path`` (a module path), or None."""
+    return next((u for u in units if path == u or path.startswith(u + ".")), None)
+
+
+def _regions(gm: fx.GraphModule, slots: dict[fx.Node, tuple[str, ParamSlot]], units: list[str]) -> dict[fx.Node, tuple[int, str | None]]:
+    """Region index and unit (None for the root) of every non-placeholder node of ``gm``.
+
+    A unit's region spans its *anchors* — ops reading one of its parameters, calls of modules under
+    it — and everything between them in graph order; between units, root regions.
+
+    Raises:
+        CaptureError: two units' regions interleave.
+    """
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    order = {n: i for i, n in enumerate(nodes)}
+    spans: dict[str, list[int]] = {}
+    for node in nodes:
+        anchored = {slots[a][0] for a in node.all_input_nodes if a in slots}
+        if node.op == "call_module" and (unit := _unit_of(node.target, units)) is not None:
+            anchored.add(unit)
+        for unit in anchored:
+            span = spans.setdefault(unit, [order[node], order[node]])
+            span[1] = order[node]
+    ordered = sorted(spans.items(), key=lambda item: item[1][0])
+    for (a, (_, a_end)), (b, (b_start, _)) in zip(ordered, ordered[1:]):
+        if b_start <= a_end:
+            raise CaptureError(
+                f"the ops of FSDP2 units {a} and {b} interleave in the converted model's graph, so neither can run "
+                "as one unsharded region. Fix: fully_shard a module that holds both"
+            )
+    region: dict[fx.Node, tuple[int, str | None]] = {}
+    index, spans_left = 0, iter(ordered)
+    current = next(spans_left, None)
+    for i, node in enumerate(nodes):
+        if current is not None and i == current[1][0]:
+            index += 1
+        region[node] = (index, current[0] if current is not None and current[1][0] <= i <= current[1][1] else None)
+        if current is not None and i == current[1][1]:
+            index += 1
+            current = next(spans_left, None)
+    return region
