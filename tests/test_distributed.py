@@ -1,12 +1,18 @@
 """Converted models train under torch.distributed (2 CPU processes, gloo): DDP and FSDP2 (the
-whole model as one unit) give the single-process result on the combined batch."""
+whole model as one unit, and one unit per block) give the single-process result on the combined
+batch; one-process groups check FSDP2 per block against the unsharded model (float64, off init),
+with checkpointed blocks, under ``torch.compile``, with mixed precision, and the layouts that raise."""
 
+import copy
 import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+import mhc_fx
+from mhc_fx.demo.zoo import TinyGPT
 
 from . import distributed_workers as W
 from .conftest import rel_err
@@ -60,3 +66,128 @@ def test_two_processes_match_one_process_on_the_combined_batch(mode, tmp_path):
         assert forward == [(e, u) for u in units for e in ("pre_forward", "post_forward")] * W.STEPS
         backward = [u for e, u in result["events"] if e == "post_backward"]
         assert sorted(backward) == sorted(["", *units] * W.STEPS)
+
+
+@pytest.fixture
+def one_rank():
+    """A one-process gloo group: FSDP2's hooks, sharding and collectives run as on many ranks."""
+    if GLOO_PROBLEM is not None:
+        pytest.skip(f"FSDP2 on CPU: {GLOO_PROBLEM}")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _full_grads(model) -> dict[str, torch.Tensor]:
+    return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) for n, p in model.named_parameters()}
+
+
+def _assert_same_training_step(model, ref, ids, tol, call=None):
+    """One forward and backward of ``model`` (through ``call``, e.g. its ``torch.compile``
+    wrapper) and ``ref`` on ``ids``: logits and every gradient agree."""
+    out, expected = (model if call is None else call)(ids), ref(ids)
+    assert rel_err(out, expected) <= tol
+    out.square().mean().backward()
+    expected.square().mean().backward()
+    grads, ref_grads = _full_grads(model), _full_grads(ref)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        assert rel_err(g, ref_grads[name]) <= tol, name
+
+
+@pytest.mark.parametrize("root_unit", [True, False], ids=["model_sharded", "blocks_only"])
+def test_fsdp2_per_layer_equals_the_unsharded_model_in_float64(one_rank, root_unit):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+
+    model = W.converted_gpt().double()  # off init
+    ref = copy.deepcopy(model)
+    for block in model.blocks:
+        fully_shard(block)
+    if root_unit:
+        fully_shard(model)
+    ids = torch.randint(0, W.VOCAB, (2, 8))
+    _assert_same_training_step(model, ref, ids, 1e-10)
+    assert all(isinstance(p, DTensor) for p in model.blocks[1].parameters())  # resharded after its region
+    model.zero_grad(), ref.zero_grad()
+    _assert_same_training_step(model, ref, ids[:1, :1], 1e-10)  # batch 1, length 1: a new capture
+    assert "FSDP2 units" in str(mhc_fx.report(model).captures[-1])
+
+
+def test_fsdp2_per_layer_with_checkpointed_blocks(one_rank):
+    """FSDP2 per block and ``torch.utils.checkpoint`` per block, as large models train: the same
+    step as the plain converted model, with less saved for backward."""
+    from torch.distributed.fsdp import fully_shard
+
+    from mhc_fx.memory import saved_bytes
+
+    from .test_checkpointing import Net, off_init
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 32, dtype=torch.float64)
+    model = mhc_fx.convert(Net().eval(), x.float(), n=4, sinkhorn_iters=4).double()  # eval: no dropout
+    ref = copy.deepcopy(model)
+    off_init(model, ref)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    plain = saved_bytes(lambda: model(x))
+    model.checkpointed = True
+    _assert_same_training_step(model, ref, x, 1e-10)
+    assert saved_bytes(lambda: model(x)) < plain
+
+
+def test_fsdp2_per_layer_under_torch_compile(one_rank):
+    """``torch.compile(model, backend=B)`` of a model with FSDP2 units hands each region to ``B``."""
+    from torch.distributed.fsdp import fully_shard
+
+
+    model = W.converted_gpt().double()
+    ref = copy.deepcopy(model)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    ids = torch.randint(0, W.VOCAB, (2, 8))
+    _assert_same_training_step(model, ref, ids, 1e-10, call=torch.compile(model, backend="aot_eager"))
+    assert "[aot_eager, FSDP2 units blocks.0, blocks.1]" in str(mhc_fx.report(model).captures[-1])
+
+
+def test_fsdp2_per_layer_mixed_precision(one_rank):
+    """``MixedPrecisionPolicy(param_dtype=bfloat16)``: the layers are captured with the parameters
+    FSDP2 gathers (bfloat16), as the model cast to bfloat16 computes them."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = W.converted_gpt()
+    ref = copy.deepcopy(model).to(torch.bfloat16)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    ids = torch.randint(0, W.VOCAB, (2, 8))
+    out = model(ids)
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref(ids)) <= 2e-2
+    out.float().square().mean().backward()
+    grads = _full_grads(model)
+    assert all(g.dtype == torch.float32 and g.norm() > 0 for n, g in grads.items() if "_mhc." in n)
+
+
+def test_fsdp2_unit_layouts_that_are_clear_errors(one_rank):
+    from torch.distributed.fsdp import fully_shard
+
+
+    ids = torch.randint(0, W.VOCAB, (2, 8))
+    nested = W.converted_gpt()
+    fully_shard(nested.blocks[0].mlp)
+    fully_shard(nested.blocks[0])
+    with pytest.raises(mhc_fx.CaptureError, match=r"unit blocks.0.mlp is nested in unit blocks.0.*Fix"):
+        nested(ids)
+    grouped = W.converted_gpt()
+    fully_shard([grouped.blocks[0], grouped.blocks[1]])
+    with pytest.raises(mhc_fx.CaptureError, match=r"unit of 2 modules.*fully_shard each module on its own"):
+        grouped(ids)
+    sharded_first = TinyGPT(layers=2, dim=32)
+    for block in sharded_first.blocks:
+        fully_shard(block)
+    with pytest.raises(mhc_fx.ConversionError, match=r"already sharded by FSDP2 \(units: blocks.0, blocks.1\).*Fix: convert the model first"):
+        mhc_fx.convert(sharded_first, (ids,))

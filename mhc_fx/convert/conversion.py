@@ -30,6 +30,7 @@ from .guarded import ConvertedForward, fresh_entry, run_captured
 from .plan import STREAMS_MODULE, Plan, make_plan
 from .report import BlockReport, ConversionReport
 from .residuals import Residual
+from .units import FSDPModule, fsdp_units
 from .rewrite import Analysis, analyse, lookup, register
 
 #: relative error allowed between the converted and the original model at conversion time.
@@ -120,6 +121,13 @@ def _check_convertible(model: nn.Module) -> None:
         raise ConversionError(
             f"{type(model).__name__} already has an attribute {STREAMS_MODULE!r}, where mhc_fx keeps the "
             "stream ends; rename it before converting"
+        )
+    units = fsdp_units(model)
+    if units or (FSDPModule is not None and isinstance(model, FSDPModule)):
+        names = ", ".join(list(units)[:3]) + (", ..." if len(units) > 3 else "") or "the model itself"
+        raise ConversionError(
+            f"{type(model).__name__} is already sharded by FSDP2 (units: {names}); its connection modules would "
+            "be left out of FSDP2. Fix: convert the model first, then fully_shard its layers and the model"
         )
     if "forward" in model.__dict__:
         raise ConversionError(

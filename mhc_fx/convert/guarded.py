@@ -63,7 +63,8 @@ class CaptureRecord:
     Attributes:
         inputs: the call's inputs (``{"input_ids": "int64[1, 6]"}``); training, grad: the
         model's mode and whether gradients were enabled; backend: what runs it; reason: why it
-        was captured (the first call, or what differed from the previous capture).
+        was captured (the first call, or what differed from the previous capture); units: the
+        FSDP2 units it runs one by one (:mod:`.units`), if any.
     """
 
     inputs: dict[str, str]
@@ -71,11 +72,13 @@ class CaptureRecord:
     grad: bool
     backend: str
     reason: str
+    units: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         shown = ", ".join(f"{k}={v}" for k, v in self.inputs.items())
         mode = ("train" if self.training else "eval") + ("" if self.grad else ", no_grad")
-        return f"({shown}) {mode} [{self.backend}]: {self.reason}"
+        runs = self.backend + (f", FSDP2 units {', '.join(self.units)}" if self.units else "")
+        return f"({shown}) {mode} [{runs}]: {self.reason}"
 
 
 @contextlib.contextmanager
@@ -232,7 +235,8 @@ class ConvertedForward:
         inputs = describe_inputs(gm, example_inputs, list(self.__signature__.parameters))
         mode = (self.model.training, torch.is_grad_enabled(), "eager" if backend is None else _backend_name(backend))
         previous = self.report.captures[-1] if self.report.captures else None
-        record = CaptureRecord(inputs, *mode, reason=_reason(previous, inputs, *mode))
+        units = tuple(self._units.units) if self._units is not None else ()
+        record = CaptureRecord(inputs, *mode, reason=_reason(previous, inputs, *mode), units=units)
         # traced on fake tensors: the caller's saved-tensor hooks (offloading, memory probes) are for real ones
         with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
             aten = to_aten(gm, example_inputs)

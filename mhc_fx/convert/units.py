@@ -196,7 +196,7 @@ class UnitsRunner:
             node: units.owner[id(x)] for node, x in zip(placeholders, example_inputs) if id(x) in units.owner
         }
         region = _regions(gm, self.slots, list(units.units))
-        self.split = split_module(gm, gm, lambda node: region[node][0], keep_original_order=True)
+        self.split = split_module(gm, gm, lambda node: region[node][0], keep_original_order=True, tuple_return=True)
         self.region_unit = {f"submod_{index}": unit for index, unit in region.values()}
         self.param_args: dict[str, dict[int, ParamSlot]] = {}
         originals = {node.name: node for node in placeholders}
