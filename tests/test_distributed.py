@@ -15,6 +15,7 @@ import mhc_fx
 from mhc_fx.demo.zoo import TinyGPT
 
 from . import distributed_workers as W
+from .real_models import REAL_MODELS
 from .conftest import rel_err
 
 WORLD = 2
@@ -113,6 +114,42 @@ def test_fsdp2_per_layer_equals_the_unsharded_model_in_float64(one_rank, root_un
     model.zero_grad(), ref.zero_grad()
     _assert_same_training_step(model, ref, ids[:1, :1], 1e-10)  # batch 1, length 1: a new capture
     assert "FSDP2 units" in str(mhc_fx.report(model).captures[-1])
+
+
+#: real models and the modules to shard one by one: Hugging Face decoder layers, timm stages of several blocks
+REAL_LAYERS = {"hf-llama": "model.layers", "timm-convnext_atto": "stages"}
+
+
+@pytest.mark.parametrize("name", list(REAL_LAYERS))
+def test_fsdp2_per_layer_real_models(one_rank, name):
+    from torch.distributed.fsdp import fully_shard
+
+    make, inputs, _ = REAL_MODELS[name]
+    args, kwargs = inputs(2)
+    model = mhc_fx.convert(make().eval(), args, kwargs, n=4).double()  # eval: no dropout
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "_mhc." in n:
+                p.add_(0.05 * torch.randn_like(p))
+    ref = copy.deepcopy(model)
+    for layer in model.get_submodule(REAL_LAYERS[name]):
+        fully_shard(layer)
+    fully_shard(model)
+    args = [a.double() if a.is_floating_point() else a for a in args]
+
+    def first_output(m):
+        out = m(*args, **kwargs)
+        return out if isinstance(out, torch.Tensor) else out[0]
+
+    out, expected = first_output(model), first_output(ref)
+    assert rel_err(out, expected) <= 1e-10
+    out.square().mean().backward()
+    expected.square().mean().backward()
+    grads, ref_grads = _full_grads(model), _full_grads(ref)
+    for n, g in ref_grads.items():
+        if g is not None:
+            assert rel_err(grads[n], g) <= 1e-10, n
 
 
 def test_fsdp2_per_layer_with_checkpointed_blocks(one_rank):

@@ -267,7 +267,7 @@ class ConvertedForward:
         stay the same objects across calls, which Dynamo's guards see)."""
         key = tuple((path, id(unit)) for path, unit in units.items())
         if self._sharded is None or self._sharded[0] != key:
-            self._sharded = (key, ShardedUnits(self.model, units))
+            self._sharded = (key, ShardedUnits(units))
         return self._sharded[1]
 
     def __repr__(self) -> str:

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import torch
 import torch.fx as fx
 from torch import nn
+from torch._guards import detect_fake_mode
 from torch.fx.passes.split_module import split_module
 
 from ..errors import CaptureError
@@ -72,8 +73,8 @@ class ShardedUnits:
         parameter of each sharded parameter; owner: ``id(stand-in)`` → (unit path, slot).
     """
 
-    def __init__(self, model: nn.Module, units: dict[str, nn.Module]) -> None:
-        self.model, self.units = model, units
+    def __init__(self, units: dict[str, nn.Module]) -> None:
+        self.units = units
         for path, unit in units.items():
             state = unit._get_fsdp_state()
             if len(state._modules) != 1:
@@ -171,7 +172,7 @@ def _standin(fsdp_param: Any) -> nn.Parameter:
     return nn.Parameter(data, requires_grad=sharded.requires_grad)
 
 
-#: compiles one region of a split capture for its first inputs: ``(region, inputs) → callable``
+#: compiles one region of a split capture: ``(region, example inputs) → callable``
 RegionCompiler = Callable[[fx.GraphModule, list], Callable]
 
 
@@ -186,7 +187,7 @@ class UnitsRunner:
     Args:
         gm: the rewritten capture; example_inputs: the inputs it was captured with (the stand-ins
         among them name the units' parameters); units: the model's units; compile_region: what
-        runs a region (each compiled once, at its first call).
+        runs a region, given the region and its example inputs (fake tensors, symbolic sizes).
     """
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list, units: ShardedUnits, compile_region: RegionCompiler) -> None:
@@ -207,7 +208,13 @@ class UnitsRunner:
                     for i, a in enumerate(node.args)
                     if isinstance(a, fx.Node) and a.op == "placeholder" and originals.get(a.name) in self.slots
                 }
-        self.compiled: dict[str, Callable] = {}
+        values = _fake_values(gm, example_inputs)
+        # compiled now, inside Dynamo's backend call: its fake mode and shape environment give the
+        # regions the capture's symbolic sizes (a dynamic decode graph stays dynamic in every region)
+        self.compiled = {
+            target: compile_region(region, [values[p.name] for p in region.graph.find_nodes(op="placeholder")])
+            for target, region in self.split.named_children()
+        }
 
     def __call__(self, *args: Any) -> Any:
         with self.units.fsdp_layout():
@@ -217,7 +224,7 @@ class UnitsRunner:
         """Run region ``target`` on ``args``; a unit region between its unit's FSDP2 hooks."""
         unit_path = self.region_unit.get(target)
         if unit_path is None:
-            return self._region(target, args)(*args)
+            return self.compiled[target](*args)
         unit = self.units.units[unit_path]
         state = unit._get_fsdp_state()
         params = self.param_args[target]
@@ -225,12 +232,43 @@ class UnitsRunner:
         inputs, _ = state._pre_forward(unit, inputs, {})
         values = iter(inputs)
         full = tuple(params[i].get() if i in params else next(values) for i in range(len(args)))
-        return state._post_forward(unit, inputs, self._region(target, full)(*full))
+        return state._post_forward(unit, inputs, self.compiled[target](*full))
 
-    def _region(self, target: str, args: tuple) -> Callable:
-        if target not in self.compiled:
-            self.compiled[target] = self.compile_region(getattr(self.split, target), list(args))
-        return self.compiled[target]
+
+def _fake_values(gm: fx.GraphModule, example_inputs: list) -> dict[str, Any]:
+    """Every node's value in the capture's fake mode (symbolic sizes kept, and which values
+    require gradients), by node name: the rewrite's new nodes carry none, so the graph is run
+    again on fake inputs (``FakeTensorProp`` would record detached values)."""
+    inputs = [node.meta["val"] for node in gm.graph.find_nodes(op="placeholder")]  # make_fx's: no requires_grad
+    fake_mode = detect_fake_mode(inputs)
+    values: dict[str, Any] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> Any:
+            values[node.name] = super().run_node(node)
+            return values[node.name]
+
+        def get_attr(self, target: str, args: tuple, kwargs: dict) -> Any:  # constants as fakes
+            value = super().get_attr(target, args, kwargs)
+            return fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+
+        def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:  # the module's tensors as fakes
+            module = self.fetch_attr(target)
+            state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+            fakes = {name: fake_mode.from_tensor(t) for name, t in state.items()}
+            return torch.func.functional_call(module, fakes, args, kwargs)
+
+    grad = torch.is_grad_enabled()
+    with fake_mode:
+        inputs = [
+            val.detach().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) and x.is_floating_point() else val
+            for val, x in zip(inputs, example_inputs)
+        ]
+        try:
+            Recorder(gm).run(*inputs)
+        finally:
+            torch.set_grad_enabled(grad)
+    return values
 
 
 class _UnitInterpreter(fx.Interpreter):
