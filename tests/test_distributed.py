@@ -93,7 +93,8 @@ def _assert_same_training_step(model, ref, ids, tol, call=None):
     grads, ref_grads = _full_grads(model), _full_grads(ref)
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
-        assert rel_err(g, ref_grads[name]) <= tol, name
+        assert (g is None) == (ref_grads[name] is None), name
+        assert g is None or rel_err(g, ref_grads[name]) <= tol, name
 
 
 @pytest.mark.parametrize("root_unit", [True, False], ids=["model_sharded", "blocks_only"])
@@ -104,15 +105,20 @@ def test_fsdp2_per_layer_equals_the_unsharded_model_in_float64(one_rank, root_un
 
     model = W.converted_gpt().double()  # off init
     ref = copy.deepcopy(model)
+    ids = torch.randint(0, W.VOCAB, (2, 8))
+    model(ids)  # a capture before sharding: never run on the sharded model
     for block in model.blocks:
         fully_shard(block)
     if root_unit:
         fully_shard(model)
-    ids = torch.randint(0, W.VOCAB, (2, 8))
     _assert_same_training_step(model, ref, ids, 1e-10)
     assert all(isinstance(p, DTensor) for p in model.blocks[1].parameters())  # resharded after its region
     model.zero_grad(), ref.zero_grad()
     _assert_same_training_step(model, ref, ids[:1, :1], 1e-10)  # batch 1, length 1: a new capture
+    for m in (model, ref):  # partly frozen (as under LoRA): a new capture, no gradient for the frozen
+        m.blocks[0].mlp.requires_grad_(False)
+        m.zero_grad(set_to_none=True)
+    _assert_same_training_step(model, ref, ids, 1e-10)
     assert "FSDP2 units" in str(mhc_fx.report(model).captures[-1])
 
 

@@ -14,6 +14,10 @@ to ``B`` instead of running them eagerly (:func:`outer_backend` finds ``B`` on t
 wrapper of the model, or of a function or module that calls it). So ``torch.compile(model)`` compiles the converted function with
 Inductor, ``backend="mhc"`` fuses its mHC subgraphs (:mod:`mhc_fx.compile.backend`), and no
 backend ever sees the unconverted graph.
+
+A model with FSDP2 units (``fully_shard`` per layer) is called in the units' capture layout and
+its rewritten captures run unit by unit, each region between its unit's FSDP2 hooks
+(:mod:`.units`).
 """
 
 from __future__ import annotations
@@ -208,7 +212,7 @@ class ConvertedForward:
 
     def __init__(self, model: nn.Module, plan: Plan, config: MHCConfig, report: ConversionReport) -> None:
         self.model, self.plan, self.config, self.report = model, plan, config, report
-        self._compiled: list[tuple[Any, Callable]] = []  # (outer backend or None, compiled entry)
+        self._compiled: list[tuple[Any, ShardedUnits | None, Callable]] = []  # (outer backend, units, entry)
         self._sharded: tuple[tuple, ShardedUnits] | None = None  # FSDP2 units: (their identity, layouts)
         self._units: ShardedUnits | None = None  # set during a call of a model with FSDP2 units
         params = list(inspect.signature(type(model).forward).parameters.values())[1:]
@@ -220,13 +224,16 @@ class ConvertedForward:
         state["_compiled"], state["_sharded"], state["_units"] = [], None, None
         return state
 
-    def _compiled_for(self, backend: Any) -> Callable:
-        for known, compiled in self._compiled:
-            if known is backend:
+    def _compiled_for(self, backend: Any, units: ShardedUnits | None) -> Callable:
+        """The compiled entry for calls through ``backend`` (None: eager) in ``units``' capture
+        layout (None: no FSDP2 units): each has its own captures, so a capture made for one
+        layout never runs in another."""
+        for known, known_units, compiled in self._compiled:
+            if known is backend and known_units is units:
                 return compiled
         rewrite = functools.partial(self._rewrite, backend)
         compiled = torch.compile(fresh_entry(), backend=rewrite, fullgraph=True)
-        self._compiled.append((backend, compiled))
+        self._compiled.append((backend, units, compiled))
         return compiled
 
     def _rewrite(self, backend: Any, gm: fx.GraphModule, example_inputs: list):
@@ -251,14 +258,13 @@ class ConvertedForward:
     def __call__(self, *args, **kwargs):
         self.__signature__.bind(*args, **kwargs)  # the TypeError forward itself would raise
         prepare_hf(self.model, kwargs)
-        compiled = self._compiled_for(outer_backend(self.model))
-        units = fsdp_units(self.model)
+        backend, units = outer_backend(self.model), fsdp_units(self.model)
         if not units:
-            return run_captured(compiled, self.model, args, kwargs)
+            return run_captured(self._compiled_for(backend, None), self.model, args, kwargs)
         self._units = self._sharded_units(units)
         try:
             with self._units.capture_layout():
-                return run_captured(compiled, self.model, args, kwargs)
+                return run_captured(self._compiled_for(backend, self._units), self.model, args, kwargs)
         finally:
             self._units = None
 

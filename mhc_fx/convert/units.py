@@ -69,8 +69,8 @@ class ShardedUnits:
     """The FSDP2 units of a converted model and the two layouts its call switches between.
 
     Attributes:
-        units: unit path → unit module (the model's own unit excluded); standins: the stand-in
-        parameter of each sharded parameter; owner: ``id(stand-in)`` → (unit path, slot).
+        units: unit path → unit module (the model's own unit excluded); owner: ``id(stand-in)`` →
+        (unit path, slot) for the stand-in of each of the units' parameters.
     """
 
     def __init__(self, units: dict[str, nn.Module]) -> None:
@@ -88,7 +88,7 @@ class ShardedUnits:
                     f"FSDP2 unit {path} is nested in unit {outer[0]}; a converted model supports one level of units "
                     "below the model. Fix: fully_shard either the outer module or the inner ones"
                 )
-        self._slots: list[tuple[str, list[ParamSlot], nn.Parameter]] = []
+        self._slots: list[tuple[list[ParamSlot], nn.Parameter]] = []  # (where a parameter is registered, its stand-in)
         self.owner: dict[int, tuple[str, ParamSlot]] = {}
         for path, unit in units.items():
             for group in unit._get_fsdp_state()._fsdp_param_groups:
@@ -97,7 +97,7 @@ class ShardedUnits:
                     slots = [ParamSlot(info.module, info.param_name)]
                     slots += [ParamSlot(m, n) for m, n in zip(info.shared_modules, info.shared_param_names)]
                     standin = _standin(fsdp_param)
-                    self._slots.append((path, slots, standin))
+                    self._slots.append((slots, standin))
                     self.owner[id(standin)] = (path, slots[0])
         self._hooks = [_FsdpHooks(unit) for unit in units.values()]
 
@@ -123,8 +123,9 @@ class ShardedUnits:
             self._to_capture()
 
     def _to_capture(self) -> None:
-        self._registered = [[slot.get() for slot in slots] for _, slots, _ in self._slots]
-        for _, slots, standin in self._slots:
+        self._registered = [[slot.get() for slot in slots] for slots, _ in self._slots]
+        for (slots, standin), values in zip(self._slots, self._registered):
+            standin.requires_grad_(values[0].requires_grad)  # freezing a parameter is a new capture, as unsharded
             for slot in slots:
                 slot.set(standin)
         for hooks in self._hooks:
@@ -133,7 +134,7 @@ class ShardedUnits:
     def _to_fsdp(self) -> None:
         for hooks in self._hooks:
             hooks.restore()
-        for (_, slots, _), values in zip(self._slots, self._registered):
+        for (slots, _), values in zip(self._slots, self._registered):
             for slot, value in zip(slots, values):
                 slot.set(value)
 
