@@ -192,7 +192,7 @@ class UnitsRunner:
     """
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list, units: ShardedUnits, compile_region: RegionCompiler) -> None:
-        self.units, self.compile_region = units, compile_region
+        self.units = units
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.slots: dict[fx.Node, tuple[str, ParamSlot]] = {
             node: units.owner[id(x)] for node, x in zip(placeholders, example_inputs) if id(x) in units.owner
