@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 import mhc_fx
 from mhc_fx.demo.zoo import TinyGPT
@@ -213,6 +214,102 @@ def test_fsdp2_per_layer_mixed_precision(one_rank):
     out.float().square().mean().backward()
     grads = _full_grads(model)
     assert all(g.dtype == torch.float32 and g.norm() > 0 for n, g in grads.items() if "_mhc." in n)
+
+
+class BufferBlock(nn.Module):
+    """A residual block with a float32 statistic updated in place in training (FSDP2 never casts buffers)."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.ln, self.fc = nn.LayerNorm(d), nn.Linear(d, d)
+        self.register_buffer("running", torch.zeros(d))
+
+    def forward(self, x):
+        if self.training:
+            self.running.mul_(0.9).add_(0.1 * x.detach().float().mean((0, 1)))
+        return x + self.fc(self.ln(x)) * (1 + self.running).to(x.dtype)
+
+
+class TransposedHead(nn.Module):
+    """A unit with no residual block whose parameter is read through a view (``w.t()``)."""
+
+    def __init__(self, d=32, out=5):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(out, d) / d**0.5)
+
+    def forward(self, x):
+        return x @ self.w.t()
+
+
+class BufferNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(BufferBlock() for _ in range(2))
+        self.head = TransposedHead()
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _converted_buffer_net() -> nn.Module:
+    torch.manual_seed(0)
+    model = mhc_fx.convert(BufferNet(), torch.randn(2, 6, 32), n=4, sinkhorn_iters=4)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "_mhc." in n:
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _shard_buffer_net(model, **options):
+    from torch.distributed.fsdp import fully_shard
+
+    for module in [*model.blocks, model.head]:
+        fully_shard(module, **options)
+    fully_shard(model, **options)
+
+
+def test_fsdp2_unit_without_blocks_reads_a_parameter_view(one_rank):
+    """``fully_shard(model.head)`` with ``x @ w.t()``: the transpose runs inside the head's region,
+    while its parameter is gathered."""
+    model = _converted_buffer_net().double()
+    ref = copy.deepcopy(model)
+    _shard_buffer_net(model)
+    x = torch.randn(2, 6, 32, dtype=torch.float64)
+    _assert_same_training_step(model, ref, x, 1e-10)
+    assert torch.equal(model.blocks[1].running, ref.blocks[1].running) and model.blocks[1].running.norm() > 0
+
+
+def test_fsdp2_per_layer_casts_only_the_layers_arguments(one_rank):
+    """``MixedPrecisionPolicy(param_dtype=bfloat16)``: FSDP2 casts each layer's floating-point
+    arguments, not its float32 buffers, which a block updates in place. Oracle: the converted
+    model with bfloat16 parameters, float32 buffers and the same cast as a pre-hook per unit."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    model = _converted_buffer_net()
+    ref = copy.deepcopy(model)
+    _shard_buffer_net(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+
+    def cast_floats(module, args, kwargs):
+        cast = lambda t: t.to(torch.bfloat16) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+        return tuple(map(cast, args)), {k: cast(v) for k, v in kwargs.items()}
+
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    for module in [ref, *ref.blocks, ref.head]:
+        module.register_forward_pre_hook(cast_floats, with_kwargs=True)
+    x = torch.randn(2, 6, 32)
+    out, expected = model(x), ref(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert rel_err(out, expected) <= 1e-2
+    for block, ref_block in zip(model.blocks, ref.blocks):
+        assert block.running.dtype == torch.float32 and block.running.norm() > 0
+        assert rel_err(block.running, ref_block.running) <= 1e-2
+    out.float().square().mean().backward()
+    assert all(g is not None and g.norm() > 0 for n, g in _full_grads(model).items() if "_mhc." in n)
 
 
 def test_fsdp2_unit_layouts_that_are_clear_errors(one_rank):

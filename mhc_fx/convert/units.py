@@ -28,6 +28,7 @@ another unit's in the captured graph.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
@@ -96,10 +97,10 @@ class ShardedUnits:
                     info = fsdp_param._module_info
                     slots = [ParamSlot(info.module, info.param_name)]
                     slots += [ParamSlot(m, n) for m, n in zip(info.shared_modules, info.shared_param_names)]
-                    standin = _standin(fsdp_param)
+                    standin = _standin(fsdp_param, path)
                     self._slots.append((slots, standin))
                     self.owner[id(standin)] = (path, slots[0])
-        self._hooks = [_FsdpHooks(unit) for unit in units.values()]
+        self.hooks = {path: _FsdpHooks(unit) for path, unit in units.items()}
 
     @contextlib.contextmanager
     def capture_layout(self) -> Iterator[None]:
@@ -128,11 +129,11 @@ class ShardedUnits:
             standin.requires_grad_(values[0].requires_grad)  # freezing a parameter is a new capture, as unsharded
             for slot in slots:
                 slot.set(standin)
-        for hooks in self._hooks:
+        for hooks in self.hooks.values():
             hooks.remove()
 
     def _to_fsdp(self) -> None:
-        for hooks in self._hooks:
+        for hooks in self.hooks.values():
             hooks.restore()
         for (slots, _), values in zip(self._slots, self._registered):
             for slot, value in zip(slots, values):
@@ -140,34 +141,79 @@ class ShardedUnits:
 
 
 class _FsdpHooks:
-    """FSDP2's forward pre- and post-hook of one unit, taken out of and put back into the
-    module's hook dicts at their places."""
+    """FSDP2's forward pre- and post-hook of one unit, set aside for a capture and put back.
+
+    Where the unit's ``MixedPrecisionPolicy`` casts the layer's inputs (``param_dtype`` with
+    ``cast_forward_inputs``) or outputs (``output_dtype``), the hook is replaced, at its place,
+    by one that only casts — FSDP2's own cast functions, which Dynamo traces — so the capture
+    casts exactly what the layer's call receives and returns; :meth:`run_without_casts` then
+    keeps the FSDP2 hooks from casting a second time at run time."""
 
     def __init__(self, unit: nn.Module) -> None:
-        state = unit._get_fsdp_state()
+        state = self.state = unit._get_fsdp_state()
+        policy = state._mp_policy
+        casts_inputs = policy.cast_forward_inputs and policy.param_dtype is not None
         self.entries = [
-            (unit._forward_pre_hooks, state._pre_forward_hook_handle.id),
-            (unit._forward_hooks, state._post_forward_hook_handle.id),
+            (
+                unit._forward_pre_hooks,
+                state._pre_forward_hook_handle.id,
+                (lambda module, args, kwargs: state._cast_forward_inputs(args, kwargs)) if casts_inputs else None,
+            ),
+            (
+                unit._forward_hooks,
+                state._post_forward_hook_handle.id,
+                (lambda module, args, output: state._cast_output_dtype(output)) if policy.output_dtype is not None else None,
+            ),
         ]
+        self.no_casts = dataclasses.replace(policy, cast_forward_inputs=False, output_dtype=None)
         self.removed: list[tuple[int, Any]] = []
 
     def remove(self) -> None:
         self.removed = []
-        for hooks, key in self.entries:
-            self.removed.append((list(hooks).index(key), hooks.pop(key)))
+        for hooks, key, cast_only in self.entries:
+            self.removed.append((list(hooks).index(key), hooks[key]))
+            if cast_only is None:
+                del hooks[key]
+            else:
+                hooks[key] = cast_only  # same place in the dict
 
     def restore(self) -> None:
-        for (hooks, key), (position, hook) in zip(self.entries, self.removed):
+        for (hooks, key, cast_only), (position, hook) in zip(self.entries, self.removed):
+            if cast_only is not None:
+                hooks[key] = hook
+                continue
             items = list(hooks.items())
             items.insert(position, (key, hook))
             hooks.clear()
             hooks.update(items)
 
+    @contextlib.contextmanager
+    def run_without_casts(self) -> Iterator[None]:
+        """FSDP2's hooks without their casts (the capture holds them)."""
+        policy, self.state._mp_policy = self.state._mp_policy, self.no_casts
+        try:
+            yield
+        finally:
+            self.state._mp_policy = policy
 
-def _standin(fsdp_param: Any) -> nn.Parameter:
-    """A storage-less ``nn.Parameter`` of the unsharded shape, dtype and device of ``fsdp_param``."""
+
+def _standin(fsdp_param: Any, unit: str) -> nn.Parameter:
+    """A storage-less ``nn.Parameter`` of the unsharded shape, dtype and device of ``fsdp_param``.
+
+    Raises:
+        CaptureError: the unsharded parameter is not a plain tensor (FSDP2 with tensor
+        parallelism, or an all-gather extension such as float8 training).
+    """
     sharded = fsdp_param.sharded_param
-    dtype = fsdp_param.mp_policy.param_dtype or sharded.dtype
+    local = getattr(sharded, "_local_tensor", sharded)
+    if fsdp_param.is_dtensor or hasattr(local, "fsdp_pre_all_gather"):
+        raise CaptureError(
+            f"FSDP2 unit {unit} gathers a parameter into a tensor subclass (tensor parallelism or an all-gather "
+            "extension such as float8); a converted model supports units whose gathered parameters are plain "
+            "tensors. Fix: shard those layers without the extension, or shard the whole model as one unit"
+        )
+    param_dtype = fsdp_param.mp_policy.param_dtype
+    dtype = param_dtype if param_dtype is not None and sharded.is_floating_point() else sharded.dtype
     data = torch.empty(fsdp_param._orig_size, dtype=dtype, device=fsdp_param.device)
     data.untyped_storage().resize_(0)
     return nn.Parameter(data, requires_grad=sharded.requires_grad)
@@ -230,10 +276,11 @@ class UnitsRunner:
         state = unit._get_fsdp_state()
         params = self.param_args[target]
         inputs = tuple(a for i, a in enumerate(args) if i not in params)
-        inputs, _ = state._pre_forward(unit, inputs, {})
-        values = iter(inputs)
-        full = tuple(params[i].get() if i in params else next(values) for i in range(len(args)))
-        return state._post_forward(unit, inputs, self.compiled[target](*full))
+        with self.units.hooks[unit_path].run_without_casts():
+            inputs, _ = state._pre_forward(unit, inputs, {})
+            values = iter(inputs)
+            full = tuple(params[i].get() if i in params else next(values) for i in range(len(args)))
+            return state._post_forward(unit, inputs, self.compiled[target](*full))
 
 
 def _fake_values(gm: fx.GraphModule, example_inputs: list) -> dict[str, Any]:
@@ -291,8 +338,9 @@ def _unit_of(path: str, units: list[str]) -> str | None:
 def _regions(gm: fx.GraphModule, slots: dict[fx.Node, tuple[str, ParamSlot]], units: list[str]) -> dict[fx.Node, tuple[int, str | None]]:
     """Region index and unit (None for the root) of every non-placeholder node of ``gm``.
 
-    A unit's region spans its *anchors* — ops reading one of its parameters, calls of modules under
-    it — and everything between them in graph order; between units, root regions.
+    A unit's region spans its *anchors* — ops reading one of its parameters or a value computed
+    from its parameters alone (a transpose, a view), calls of modules under it — and everything
+    between them in graph order; between units, root regions.
 
     Raises:
         CaptureError: two units' regions interleave.
@@ -300,8 +348,11 @@ def _regions(gm: fx.GraphModule, slots: dict[fx.Node, tuple[str, ParamSlot]], un
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     order = {n: i for i, n in enumerate(nodes)}
     spans: dict[str, list[int]] = {}
+    derived = {node: unit for node, (unit, _) in slots.items()}  # a unit's parameters and values made from them alone
     for node in nodes:
-        anchored = {slots[a][0] for a in node.all_input_nodes if a in slots}
+        anchored = {derived[a] for a in node.all_input_nodes if a in derived}
+        if len(anchored) == 1 and all(a in derived for a in node.all_input_nodes):
+            derived[node] = next(iter(anchored))  # `w.t()`: its readers need the unit's parameters gathered too
         if node.op == "call_module" and (unit := _unit_of(node.target, units)) is not None:
             anchored.add(unit)
         for unit in anchored:
