@@ -51,20 +51,24 @@ def full_state(model):
 def record_fsdp_events() -> list[tuple[str, str]]:
     """A list that fills with ``(event, unit)`` as FSDP2's parameter groups unshard for forward,
     reshard after it and reduce-scatter after backward (the unit: its module path, ``""`` for the
-    root)."""
+    root), and with ``("final_callback", "")`` when the root's end-of-backward callback starts (it
+    runs the post-backward of every unit whose autograd hook did not fire)."""
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
 
     events = []
 
-    def recording(name, method):
+    def recording(name, method, unit):
         def wrapper(self, *args, **kwargs):
-            events.append((name, self._module_fqn))
+            events.append((name, unit(self)))
             return method(self, *args, **kwargs)
 
         return wrapper
 
     for name in ("pre_forward", "post_forward", "post_backward"):
-        setattr(FSDPParamGroup, name, recording(name, getattr(FSDPParamGroup, name)))
+        setattr(FSDPParamGroup, name, recording(name, getattr(FSDPParamGroup, name), lambda group: group._module_fqn))
+    callback = FSDPState._root_post_backward_final_callback
+    FSDPState._root_post_backward_final_callback = recording("final_callback", callback, lambda state: "")
     return events
 
 
