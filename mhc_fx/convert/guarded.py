@@ -261,12 +261,12 @@ class ConvertedForward:
         backend, units = outer_backend(self.model), fsdp_units(self.model)
         if not units:
             return run_captured(self._compiled_for(backend, None), self.model, args, kwargs)
-        self._units = self._sharded_units(units)
+        outer, self._units = self._units, self._sharded_units(units)
         try:
             with self._units.capture_layout():
                 return run_captured(self._compiled_for(backend, self._units), self.model, args, kwargs)
         finally:
-            self._units = None
+            self._units = outer
 
     def _sharded_units(self, units: dict[str, nn.Module]) -> ShardedUnits:
         """The model's :class:`ShardedUnits`, made again when its units change (their stand-ins

@@ -9,7 +9,7 @@ captured graph, in which layers are no longer calls; so for such a model the gua
 
 1. captures and guards every call in the *capture layout* (:meth:`ShardedUnits.capture_layout`):
    the units' FSDP2 hooks set aside (Dynamo cannot trace them: they are
-   ``torch._dynamo.disable``\\ d) and each sharded parameter replaced by a *stand-in*: a plain
+   ``torch._dynamo.disable``\\ d; where mixed precision casts, their casts stay, traced) and each sharded parameter replaced by a *stand-in*: a plain
    ``nn.Parameter`` of the unsharded shape and dtype with no storage, so Dynamo traces the
    layers as the unsharded model and its guards see the same tensors at every call;
 2. runs the rewritten capture with :class:`UnitsRunner`: the graph is split into one region per
