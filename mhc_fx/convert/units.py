@@ -13,8 +13,8 @@ captured graph, in which layers are no longer calls; so for such a model the gua
    ``nn.Parameter`` of the unsharded shape and dtype with no storage, so Dynamo traces the
    layers as the unsharded model and its guards see the same tensors at every call;
 2. runs the rewritten capture with :class:`UnitsRunner`: the graph is split into one region per
-   unit (the ops that read the unit's parameters or call a module under it, and everything
-   between them) and root regions between; each unit region runs between the unit's own FSDP2
+   unit (the ops that read the unit's parameters, or values made from them alone, or call a
+   module under it, and everything between them) and root regions between; each unit region runs between the unit's own FSDP2
    pre- and post-forward hooks, with the parameters the pre-forward hook has just unsharded, so
    all-gather, reshard, the backward hooks and the gradient reduce-scatter happen as in the
    unconverted model, one unit at a time.
