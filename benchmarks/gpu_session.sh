@@ -33,7 +33,7 @@ step() {
 }
 
 step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/test_kernels_gpu.py
-step kernels 150 python3 benchmarks/kernels.py --tokens 16384 --channels 1280 4096 --dtype bf16
+step kernels 150 python3 benchmarks/kernel_speed.py --tokens 16384 --channels 1280 4096 --dtype bf16
 step train_step 200 python3 benchmarks/train_step.py --backend mhc --device cuda --no-plain-inductor
 
 for name in gpu_tests kernels train_step; do

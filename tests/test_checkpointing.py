@@ -126,7 +126,8 @@ def test_checkpointed_model_under_backend_mhc_matches_eager():
     assert_same(train_call(eager, lambda m: m(x)), train_call(compiled, lambda m: run(x)), tol=1e-5)
 
 
-@pytest.mark.parametrize("name,reentrant", [("hf-gpt2", False), ("hf-llama", True)])
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("name", ["hf-gpt2", "hf-llama"])
 def test_hugging_face_gradient_checkpointing(name, reentrant):
     factory, example, _ = REAL_MODELS[name]
     args, kwargs = example(2)
@@ -139,7 +140,56 @@ def test_hugging_face_gradient_checkpointing(name, reentrant):
 
     before = saved_bytes(lambda: call(checkpointed.train()))  # a train capture without checkpointing
     checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    switches = _context_switch_states()
+    assert switches  # transformers' own, and kernels' where transformers uses it
     assert_same(train_call(plain, call), train_call(checkpointed, call))
     assert saved_bytes(lambda: call(checkpointed)) < 0.6 * before
     captures = mhc_fx.report(checkpointed).captures
     assert len(captures) >= 3 and captures[-1].training
+    # the context switches set and reset inside the checkpointed layers hold what they held before
+    assert _context_switch_states() == switches
+
+
+def _context_switch_states():
+    """The module-level instances of the known context switches (transformers' and kernels'
+    ``CompileableContextVar``) with their attributes: what a call must leave as it found it."""
+    import sys
+
+    from mhc_fx.convert.context_switches import CONTEXT_SWITCH_CLASSES
+
+    states = {}
+    for module, name in CONTEXT_SWITCH_CLASSES:
+        namespace = vars(sys.modules[module]) if module in sys.modules else {}
+        for attr, value in namespace.items():
+            if isinstance(value, namespace[name]):
+                states[f"{module}.{attr}"] = {k: v for k, v in vars(value).items() if k != "context_var"}
+    return states
+
+
+class CountingBlock(Block):
+    """A block that counts its calls on the model: a side effect a checkpointed region cannot hide."""
+
+    def __init__(self, owner):
+        super().__init__()
+        self.owner = [owner]  # not a submodule
+
+    def forward(self, x):
+        self.owner[0].calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_other_side_effects_in_checkpointed_blocks_are_a_clear_error(reentrant, monkeypatch):
+    x = torch.randn(2, 8, 32)
+    model = Net()
+    model.calls = 0
+    model.blocks = nn.ModuleList(CountingBlock(model) for _ in range(3))
+    model = mhc_fx.convert(model, (x,))
+    model.checkpointed, model.reentrant = True, reentrant
+    with pytest.raises(mhc_fx.CaptureError, match="calls.*skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        model.train()(x)
+    # with Dynamo's opt-in the mutation runs once per block and call (not again in backward)
+    monkeypatch.setattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True)
+    model.calls = 0
+    model(x).sum().backward()
+    assert model.calls == 3

@@ -287,7 +287,7 @@ def test_kernel_benchmark_runs_under_the_interpreter():
     import subprocess
     import sys
 
-    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "kernels.py"
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "kernel_speed.py"
     args = ["--interpret", "--no-compile", "--iters", "2", "--repeats", "1", "--tokens", "20", "--channels", "40"]
     result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]

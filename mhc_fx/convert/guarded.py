@@ -42,6 +42,7 @@ from .capture import (
     StateReader, describe_inputs, has_checkpointed_regions, inline_modules, parameter_placeholders, prepare_hf,
     to_aten,
 )
+from .context_switches import allowed_in_checkpoints, is_side_effect_in_checkpoint, side_effect_error
 from .plan import Plan
 from .report import ConversionReport
 from .rewrite import analyse, rewrite_graph
@@ -101,13 +102,15 @@ def run_captured(compiled: Callable, model: nn.Module, args: tuple, kwargs: dict
     """Call ``compiled`` (a :func:`fresh_entry` under ``torch.compile``) on ``model`` with the
     settings every capture needs; Dynamo's failures become mhc_fx errors in the user's terms."""
     try:
-        with torch._dynamo.config.patch(**DYNAMO_SETTINGS), no_fused_attention_layers():
+        with torch._dynamo.config.patch(**DYNAMO_SETTINGS), no_fused_attention_layers(), allowed_in_checkpoints():
             return compiled(model, *args, **kwargs)
     except torch._dynamo.exc.BackendCompilerFailed as err:
         if isinstance(err.inner_exception, MHCError):
             raise err.inner_exception.with_traceback(None) from None
         raise
     except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as err:
+        if is_side_effect_in_checkpoint(err):
+            raise CaptureError(side_effect_error(type(model).__name__, err)) from err
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CaptureError(
             f"could not capture {type(model).__name__} in one graph with Dynamo ({first}); mhc_fx runs only "

@@ -1,8 +1,8 @@
 """Speed of the fused mHC ops against the eager reference, torch.compile of the reference and
 (when installed) Liger-Kernel's mHC ops.
 
-    python benchmarks/kernels.py                       # GPU: n=4, bf16, T ∈ {4096, 16384}, C ∈ {1280, 2560, 4096}
-    python benchmarks/kernels.py --interpret           # CPU, Triton interpreter, toy sizes (checks the script)
+    python benchmarks/kernel_speed.py                  # GPU: n=4, bf16, T ∈ {4096, 16384}, C ∈ {1280, 2560, 4096}
+    python benchmarks/kernel_speed.py --interpret      # CPU, Triton interpreter, toy sizes (checks the script)
 
 For each op (pre = coefficients + Sinkhorn + H_pre·X; post_res = H_res·X + H_postᵀ·y; the fused
 post_res + pre of the next block) and pass (forward; forward + backward) it prints the median
@@ -155,7 +155,7 @@ def main() -> None:
     args = parser.parse_args()
     device = "cpu" if args.interpret else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU; use --interpret to check it on CPU at toy sizes")
+        sys.exit("benchmarks/kernel_speed.py needs a CUDA GPU; use --interpret to check it on CPU at toy sizes")
     tokens = args.tokens or ([40] if args.interpret else [4096, 16384])
     channels = args.channels or ([96] if args.interpret else [1280, 2560, 4096])
     dtype = DTYPES[args.dtype or ("fp16" if args.interpret else "bf16")]  # the interpreter mishandles bf16
