@@ -13,11 +13,13 @@ weights, so loading needs no example inputs and no capture:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
-from typing import Any
+import re
+from typing import Any, Callable, Iterator
 
 from torch import nn
 
@@ -68,15 +70,31 @@ def save(model: nn.Module, path: str | os.PathLike, spec: str) -> pathlib.Path:
     return path
 
 
-def from_pretrained(path: str | os.PathLike, model_class: type | None = None, **kwargs: Any) -> nn.Module:
+def from_pretrained(
+    path: str | os.PathLike,
+    model_class: type | None = None,
+    *,
+    model: nn.Module | Callable[[], nn.Module] | None = None,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
     """Load a converted model saved with ``save_pretrained(path)`` (Hugging Face) or by
     :func:`save` / ``mhc-fx convert`` (any other model).
+
+    A saved folder is data: loading imports and runs no code that the folder names unless the
+    caller says so. A spec-built save whose spec is ``module.path:factory`` loads only with
+    ``model=`` (the unconverted model, or a function that builds it) or ``trust_remote_code=True``
+    (import ``module.path`` and call ``factory``); ``timm:``/``hf:`` specs name no code.
 
     Args:
         path: the directory (its ``config.json`` has an ``mhc_fx`` entry, or it holds
             ``mhc_config.json``).
         model_class: Hugging Face only: the transformers class to load with (default: the
             config's first ``architectures`` entry, e.g. ``LlamaForCausalLM``).
+        model: spec-built saves only: the unconverted model the weights go into (or a function
+            that builds it), instead of the one the saved spec builds.
+        trust_remote_code: allow the code the folder names to run (a ``module.path:factory``
+            spec; for Hugging Face, passed to transformers like its own flag).
         kwargs: Hugging Face only: passed to ``model_class.from_pretrained`` (``torch_dtype``, ...).
 
     Returns:
@@ -84,16 +102,19 @@ def from_pretrained(path: str | os.PathLike, model_class: type | None = None, **
         weights as saved.
 
     Raises:
-        ConversionError: the directory holds no mhc_fx conversion, or a weight is missing.
+        ConversionError: the directory holds no mhc_fx conversion, a weight is missing, or the
+            folder asks to run code and neither ``model=`` nor ``trust_remote_code=True`` allows it.
     """
     path = pathlib.Path(path)
     if (path / META_FILE).exists():
         if model_class is not None or kwargs:
             raise ConversionError(f"{path} is a spec-built save ({META_FILE}): model_class and loading kwargs do not apply")
-        return _from_spec_save(path)
+        return _from_spec_save(path, model, trust_remote_code)
+    if model is not None:
+        raise ConversionError(f"{path} is a Hugging Face save: model= does not apply (model_class= picks the class)")
     import transformers
 
-    hf_config = transformers.AutoConfig.from_pretrained(path)
+    hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     entry = getattr(hf_config, HF_CONFIG_KEY, None)
     if not entry:
         raise ConversionError(
@@ -101,22 +122,69 @@ def from_pretrained(path: str | os.PathLike, model_class: type | None = None, **
             "transformers and call mhc_fx.convert"
         )
     if model_class is None:
-        names = getattr(hf_config, "architectures", None) or []
-        if not names or not hasattr(transformers, names[0]):
+        model_class = architecture_class(hf_config)
+        if model_class is None:
             raise ConversionError(f"{path}: config.json names no transformers architecture; pass model_class=")
-        model_class = getattr(transformers, names[0])
-    return _install_saved(model_class.from_pretrained(path, **kwargs), path, entry, connections_only=True)
+    prefixes = _connection_prefixes(Plan.from_dict(entry["plan"]))
+    with _connection_keys_expected(model_class, prefixes):
+        loaded = model_class.from_pretrained(path, **kwargs)
+    return _install_saved(loaded, path, entry, connections_only=True)
 
 
-def _from_spec_save(path: pathlib.Path) -> nn.Module:
-    from .specs import load
+def architecture_class(hf_config: Any) -> type | None:
+    """The transformers class the config's first ``architectures`` entry names (``LlamaForCausalLM``), or None."""
+    import transformers
+
+    names = getattr(hf_config, "architectures", None) or []
+    return getattr(transformers, names[0], None) if names else None
+
+
+def _connection_prefixes(plan: Plan) -> tuple[str, ...]:
+    """The ``state_dict`` prefixes of the plan's connection modules (``model.layers.0.mlp_mhc.``)."""
+    return tuple(f"{b.connection}." for b in plan.blocks) + (f"{STREAMS_MODULE}.",)
+
+
+@contextlib.contextmanager
+def _connection_keys_expected(model_class: type, prefixes: tuple[str, ...]) -> Iterator[None]:
+    """While transformers loads ``model_class`` (still unconverted), the connection weights in the
+    checkpoint are keys it expects to ignore, not "UNEXPECTED" ones in its load report: they are
+    loaded right after (:func:`_install_saved`). Any other unexpected key is still reported."""
+    own = model_class.__dict__.get("_keys_to_ignore_on_load_unexpected", _ABSENT)
+    inherited = getattr(model_class, "_keys_to_ignore_on_load_unexpected", None) or []
+    model_class._keys_to_ignore_on_load_unexpected = [*inherited, *(f"^{re.escape(p)}" for p in prefixes)]
+    try:
+        yield
+    finally:
+        if own is _ABSENT:
+            del model_class._keys_to_ignore_on_load_unexpected
+        else:
+            model_class._keys_to_ignore_on_load_unexpected = own
+
+
+_ABSENT = object()
+
+
+def _from_spec_save(path: pathlib.Path, model: nn.Module | Callable[[], nn.Module] | None, trust_remote_code: bool) -> nn.Module:
+    from .specs import is_code_spec, load
 
     meta = json.loads((path / META_FILE).read_text())
     if "plan" not in meta:
         raise ConversionError(f"{path}/{META_FILE} has no plan (written by an older mhc_fx); convert and save the model again")
-    model, _, _ = load(meta["spec"])
-    return _install_saved(model, path, meta, connections_only=False, built_by=f"spec {meta['spec']!r}")
-
+    spec = meta["spec"]
+    if model is not None:
+        built = model if isinstance(model, nn.Module) else model()
+        if not isinstance(built, nn.Module):
+            raise ConversionError(f"model= must be an nn.Module or a function returning one, got {type(built).__name__}")
+        return _install_saved(built.eval(), path, meta, connections_only=False, built_by="model=")
+    if is_code_spec(spec) and not trust_remote_code:
+        module, _, factory = spec.partition(":")
+        raise ConversionError(
+            f"{path}/{META_FILE} asks to build the model by importing {module!r} and calling {factory}() (spec "
+            f"{spec!r}); loading ran none of it. If you trust this folder, pass trust_remote_code=True (CLI: "
+            "--trust-remote-code); or pass model= with the unconverted model (or a function that builds it)"
+        )
+    built, _, _ = load(spec)
+    return _install_saved(built, path, meta, connections_only=False, built_by=f"spec {spec!r}")
 
 def _install_saved(
     model: nn.Module, path: pathlib.Path, entry: dict, connections_only: bool, built_by: str = ""
@@ -127,7 +195,7 @@ def _install_saved(
     config = MHCConfig(**entry["config"])
     plan = Plan.from_dict(entry["plan"])
     build_modules(model, plan, config)
-    prefixes = tuple(f"{b.connection}." for b in plan.blocks) + (f"{STREAMS_MODULE}.",)
+    prefixes = _connection_prefixes(plan)
     state = model.state_dict()
     expected = {k for k in state if k.startswith(prefixes) or not connections_only}
     saved = _checkpoint_tensors(path, prefixes if connections_only else ("",))

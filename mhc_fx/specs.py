@@ -26,8 +26,21 @@ class SpecError(ValueError):
     """A spec that names no loadable model (the message is one line with the accepted forms)."""
 
 
-def load(spec: str, input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, tuple, dict[str, Any]]:
-    """``(model in eval mode, example args, example kwargs)`` for ``spec``."""
+def is_code_spec(spec: str) -> bool:
+    """Whether ``spec`` names code to import and call (``module.path:factory``), not a model of a
+    library (``timm:``, ``hf:``)."""
+    return spec.partition(":")[0] not in ("timm", "hf")
+
+
+def load(
+    spec: str, input_shape: tuple[int, ...] | None = None, *, trust_remote_code: bool = False
+) -> tuple[nn.Module, tuple, dict[str, Any]]:
+    """``(model in eval mode, example args, example kwargs)`` for ``spec``.
+
+    ``hf:PATH`` loads the class the directory's ``config.json`` names in ``architectures`` (a
+    causal LM keeps its head), or, for a save of a converted model, the converted model
+    (:func:`mhc_fx.from_pretrained`); ``trust_remote_code`` is passed to transformers and to
+    ``from_pretrained`` (code the folder names runs only with it)."""
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise SpecError(f"bad model spec {spec!r}: use {FORMS}")
@@ -36,7 +49,7 @@ def load(spec: str, input_shape: tuple[int, ...] | None = None) -> tuple[nn.Modu
         if kind == "timm":
             model, args, kwargs = _timm(rest)
         elif kind == "hf":
-            model, args, kwargs = _hf(rest)
+            model, args, kwargs = _hf(rest, trust_remote_code)
         else:
             model, args, kwargs = _factory(kind, rest)
     except SpecError:
@@ -55,12 +68,19 @@ def _timm(name: str):
     return model, (torch.randn(2, *model.pretrained_cfg["input_size"]),), {}
 
 
-def _hf(what: str):
+def _hf(what: str, trust_remote_code: bool):
     import transformers
 
+    from .convert.conversion import HF_CONFIG_KEY
+    from .pretrained import architecture_class, from_pretrained
+
     if pathlib.Path(what).is_dir():
-        config = transformers.AutoConfig.from_pretrained(what)
-        model = transformers.AutoModel.from_pretrained(what)
+        config = transformers.AutoConfig.from_pretrained(what, trust_remote_code=trust_remote_code)
+        if getattr(config, HF_CONFIG_KEY, None):
+            model = from_pretrained(what, trust_remote_code=trust_remote_code)
+        else:
+            model_class = architecture_class(config) or transformers.AutoModel
+            model = model_class.from_pretrained(what, trust_remote_code=trust_remote_code)
     else:
         config = transformers.AutoConfig.for_model(what)
         for field, value in SMALL_HF.items():

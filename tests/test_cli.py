@@ -57,7 +57,7 @@ def test_convert_saves_safetensors_and_config(tmp_path, capsys):
     assert "blocks.0.attn_mhc.phi" in state and state["blocks.0.attn_mhc.phi"].shape == (2 * 64, 8)
     meta = json.loads((tmp_path / "mhc_config.json").read_text())
     assert meta["config"]["n"] == 2 and len(meta["blocks"]) == 8
-    loaded = mhc_fx.from_pretrained(tmp_path)
+    loaded = mhc_fx.from_pretrained(tmp_path, trust_remote_code=True)  # the spec names code: opt in
     assert mhc_fx.is_converted(loaded) and mhc_fx.report(loaded).num_blocks == 8
     assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
 
@@ -73,7 +73,7 @@ def test_a_saved_non_hf_model_loads_back_with_its_trained_weights(tmp_path):
             if "_mhc." in name or name == "tok.weight":
                 p.add_(0.1 * torch.randn_like(p))
     save(model, tmp_path, "mhc_fx.demo.zoo:TinyGPT")
-    loaded = mhc_fx.from_pretrained(tmp_path)
+    loaded = mhc_fx.from_pretrained(tmp_path, trust_remote_code=True)
     assert type(loaded) is TinyGPT and not loaded.training
     other = torch.randint(0, 96, (3, 5))  # another shape than the conversion's example
     with torch.no_grad():
@@ -85,7 +85,7 @@ def test_a_saved_non_hf_model_loads_back_with_its_trained_weights(tmp_path):
     two_layers = mhc_fx.convert(TinyGPT(layers=2), (ids,), n=2)  # the spec builds another architecture
     save(two_layers, tmp_path / "other", "mhc_fx.demo.zoo:TinyGPT")
     with pytest.raises(mhc_fx.ConversionError, match="does not match the saved weights"):
-        mhc_fx.from_pretrained(tmp_path / "other")
+        mhc_fx.from_pretrained(tmp_path / "other", trust_remote_code=True)
 
 
 def test_export_subcommand(tmp_path, capsys):
