@@ -5,7 +5,7 @@ as compiler passes over the model's captured graphs.
 Stages (one subpackage each): :mod:`mhc_fx.nn` (the math and the connection modules),
 :mod:`mhc_fx.convert` (capture, analysis, plan, rewrite, the guarded call), :mod:`mhc_fx.kernels`
 (Triton kernels as ``torch.ops.mhc_fx``), :mod:`mhc_fx.compile` (the ``mhc`` torch.compile
-backend), :mod:`mhc_fx.export` (ONNX).
+backend), :mod:`mhc_fx.export` (ONNX, and ONNX Runtime GenAI folders for generation).
 """
 
 from . import kernels  # noqa: F401  (registers torch.ops.mhc_fx: fused connections call them)
@@ -13,6 +13,7 @@ from .compile.report import FusionReport, fusion_reports
 from .config import MHCConfig
 from .convert import BlockReport, CaptureRecord, ConversionReport, convert, find_residuals, is_converted, report
 from .errors import CaptureError, ConfigError, ConversionError, MHCError
+from .export.genai import GenAIReport, export_genai
 from .export.onnx import ExportError, ExportReport, export_onnx
 from .optim import param_groups
 from .pretrained import from_pretrained
@@ -31,6 +32,8 @@ __all__ = [
     "param_groups",
     "export_onnx",
     "ExportReport",
+    "export_genai",
+    "GenAIReport",
     "ExportError",
     "ConversionReport",
     "BlockReport",

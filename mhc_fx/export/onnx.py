@@ -8,20 +8,21 @@ compared with PyTorch. An error above tolerance is an exception, not a warning.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import inspect
 import pathlib
 import re
 from collections import Counter
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..convert.capture import auto_dims, contiguous_inputs, export_graph
-from ..convert.conversion import is_converted
+from ..convert.guarded import ConvertedForward
 from ..convert.rewrite import analyse, rewrite_graph
 from ..errors import MHCError
 from ..kernels.custom_ops import decompositions
@@ -94,18 +95,72 @@ def _tensor_leaves(args: tuple, kwargs: dict) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
 
 
-def converted_graph(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> torch.fx.GraphModule:
-    """A converted model's function as one exportable graph: its class's ``forward`` captured by
-    ``torch.export`` (dynamic sizes), rewritten with the model's plan and connection modules —
-    the same rewrite its calls get."""
-    forward = model.__dict__.pop("forward")
-    try:
-        gm = export_graph(model, args, kwargs, dynamic)
-    finally:
+@contextlib.contextmanager
+def forward_replaced(model: nn.Module, forward: Callable | None) -> Iterator[Any]:
+    """While active, ``model.forward`` is ``forward`` (a function of the call's inputs that calls
+    ``type(model).forward``), or without it the class's own ``forward``: what a capture traces.
+    Yields the instance ``forward`` it set aside (a converted model's guarded call, or None)."""
+    own = model.__dict__.pop("forward", None)
+    if forward is not None:
         model.forward = forward
-    analysis = analyse(gm, forward.config.feature_dim)
-    rewrite_graph(gm, analysis, forward.plan, model, f"ONNX export of {type(model).__name__}")
-    return gm
+    try:
+        yield own
+    finally:
+        model.__dict__.pop("forward", None)
+        if own is not None:
+            model.forward = own
+
+
+def exported_program(
+    model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, forward: Callable | None = None
+) -> torch.export.ExportedProgram:
+    """``model``'s function (with ``forward`` in place of its class's, see :func:`forward_replaced`)
+    as an eval-ready ``ExportedProgram`` with the reference math in place of any fused op. A
+    converted model is captured by ``torch.export`` (dynamic sizes) and rewritten with its plan
+    and connection modules — the same rewrite its calls get — then exported again."""
+    try:
+        with forward_replaced(model, forward) as own:
+            traced = model
+            if isinstance(own, ConvertedForward):
+                traced = export_graph(model, args, kwargs, dynamic)
+                analysis = analyse(traced, own.config.feature_dim)
+                rewrite_graph(traced, analysis, own.plan, model, f"ONNX export of {type(model).__name__}")
+            shapes = auto_dims(args, kwargs, traced.forward) if dynamic else None
+            ep = torch.export.export(traced, args, kwargs, dynamic_shapes=shapes, strict=False)
+        if _has_fused_ops(ep):
+            ep = ep.run_decompositions(decompositions())  # fused ops → the reference math
+    except Exception as err:
+        raise ExportError(f"torch.export of {type(model).__name__} failed at op {_failing_op(err)}: {_first_line(err)}") from err
+    return ep
+
+
+def onnx_program(
+    ep: torch.export.ExportedProgram, name: str, input_names: list[str], *, output_names: list[str] | None = None,
+    opset: int | None = None, functions: bool = False,
+):
+    """``ep`` converted by ``torch.onnx.export(dynamo=True)`` (an ``ONNXProgram``), its inputs (and
+    outputs) named; with ``functions`` the connections folded into ``mhc_fx`` local functions.
+    Returns ``(program, {function: calls})``."""
+    try:
+        program = torch.onnx.export(
+            ep,
+            dynamo=True,
+            opset_version=opset,
+            input_names=input_names,
+            output_names=output_names,
+            optimize=not functions,  # the optimiser merges nodes across module scopes
+            verbose=False,
+        )
+    except Exception as err:
+        raise ExportError(
+            f"ONNX conversion of {name} failed at op {_failing_op(err)} (no ONNX translation for it): {_first_line(err)}"
+        ) from err
+    calls: Counter = Counter()
+    if functions:
+        from .onnx_functions import fold_connection_functions
+
+        calls = fold_connection_functions(program.model)
+    return program, calls
 
 
 def _input_names(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
@@ -199,35 +254,8 @@ def export_onnx(
     was = model.training
     model.eval()
     try:
-        try:
-            traced = converted_graph(model, args, kwargs, dynamic) if is_converted(model) else model
-            shapes = auto_dims(args, kwargs, traced.forward) if dynamic else None
-            ep = torch.export.export(traced, args, kwargs, dynamic_shapes=shapes, strict=False)
-            if _has_fused_ops(ep):
-                ep = ep.run_decompositions(decompositions())  # fused ops → the reference math
-        except Exception as err:
-            raise ExportError(
-                f"torch.export of {type(model).__name__} failed at op {_failing_op(err)}: {_first_line(err)}"
-            ) from err
-        try:
-            program = torch.onnx.export(
-                ep,
-                dynamo=True,
-                opset_version=opset,
-                input_names=_input_names(model, args, kwargs),
-                optimize=not functions,  # the optimiser merges nodes across module scopes
-                verbose=False,
-            )
-        except Exception as err:
-            raise ExportError(
-                f"ONNX conversion of {type(model).__name__} failed at op {_failing_op(err)} (no ONNX "
-                f"translation for it): {_first_line(err)}"
-            ) from err
-        calls: Counter = Counter()
-        if functions:
-            from .onnx_functions import fold_connection_functions
-
-            calls = fold_connection_functions(program.model)
+        ep = exported_program(model, args, kwargs, dynamic)
+        program, calls = onnx_program(ep, type(model).__name__, _input_names(model, args, kwargs), opset=opset, functions=functions)
         program.save(str(path))
         graph = program.model.graph
         report = ExportReport(
