@@ -234,7 +234,9 @@ def genai_generate(folder: str | pathlib.Path, prompt: list[int], new_tokens: in
 
 def _verify(model: nn.Module, report: GenAIReport, text: Any, eos: int, new_tokens: int) -> None:
     generator = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, text.vocab_size, (length,), generator=generator).tolist() for length in (5, 3)]
+    special = {eos, _genai_config(text, "", 0, 0, 0, eos)["model"]["pad_token_id"]}  # GenAI masks pad tokens out
+    allowed = torch.tensor([t for t in range(text.vocab_size) if t not in special])
+    prompts = [allowed[torch.randint(0, len(allowed), (length,), generator=generator)].tolist() for length in (5, 3)]
     device = next(model.parameters()).device
     for prompt in prompts:
         with torch.no_grad():
