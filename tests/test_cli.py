@@ -107,3 +107,28 @@ def test_nothing_to_convert_exits_1(capsys):
     assert main(["inspect", "tests.models:NoResidual", "--input-shape", "2,16"]) == 0  # analysis only
     assert main(["convert", "tests.models:NoResidual", "--input-shape", "2,16", "--out", "/tmp/never"]) == 1
     assert "no residual connection" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_convert_then_export_for_generation_round_trip(tmp_path, capsys):
+    """``mhc-fx convert hf:PATH --out A``, ``mhc-fx export hf:A --genai --out B``, then generation from B."""
+    pytest.importorskip("onnxruntime_genai")
+    from mhc_fx.export.genai import genai_generate
+
+    from .real_models import REAL_MODELS
+
+    factory, _, _ = REAL_MODELS["hf-gpt2"]
+    factory().save_pretrained(tmp_path / "plain")
+    assert main(["convert", f"hf:{tmp_path / 'plain'}", "--n", "2", "--out", str(tmp_path / "A")]) == 0
+    converted = mhc_fx.from_pretrained(tmp_path / "A")
+    assert type(converted).__name__ == "GPT2LMHeadModel" and mhc_fx.report(converted).n == 2  # the LM head is kept
+    assert main(["export", f"hf:{tmp_path / 'A'}", "--genai", "--out", str(tmp_path / "B")]) == 0
+    assert "ONNX Runtime GenAI = PyTorch generate()" in capsys.readouterr().out
+    prompt = [3, 14, 15, 92]
+    with torch.no_grad():
+        expected = converted.eval().generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 4, dtype=torch.long),
+                                             max_new_tokens=6, do_sample=False)[0, 4:].tolist()
+    got = genai_generate(tmp_path / "B", prompt, 6)
+    eos = converted.config.eos_token_id
+    assert got == (expected[: expected.index(eos)] if eos in expected else expected)
+    assert main(["export", f"hf:{tmp_path / 'A'}", "--genai"]) == 1  # a folder must be named

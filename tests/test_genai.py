@@ -39,6 +39,20 @@ def _generate(model, prompt, stop=True):
     return tokens[: tokens.index(EOS)] if stop and EOS in tokens else tokens
 
 
+def _tokenizer():
+    """A byte-level BPE trained here (no downloads), as a transformers fast tokenizer."""
+    import tokenizers
+    import transformers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    text = ["the cat sat on the mat", "hyper connections mix streams", "the stream of the model"] * 10
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                      special_tokens=["<eos>"]))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
 @pytest.fixture(scope="module", params=["hf-llama", "hf-gpt2"])
 def exported(request, tmp_path_factory):
     """(original, converted off init, the GenAI folder of the converted model)."""
@@ -51,8 +65,16 @@ def exported(request, tmp_path_factory):
             if "_mhc." in name:
                 p.add_(0.5 * torch.randn_like(p))
     folder = tmp_path_factory.mktemp(request.param)
-    report = mhc_fx.export_genai(model, folder, check_tokens=NEW_TOKENS, eos_token_id=EOS)
+    report = mhc_fx.export_genai(model, folder, _tokenizer(), check_tokens=NEW_TOKENS, eos_token_id=EOS)
     return original, model, report
+
+
+def test_the_tokenizer_files_are_read_by_genai(exported):
+    folder = exported[2].folder
+    text = "the cat mixes streams"
+    tokenizer = og.Tokenizer(og.Model(str(folder)))
+    assert [int(t) for t in tokenizer.encode(text)] == _tokenizer().encode(text)
+    assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
 def test_genai_generates_what_generate_does(exported):
