@@ -179,7 +179,7 @@ class CountingBlock(Block):
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_other_side_effects_in_checkpointed_blocks_are_a_clear_error(reentrant, monkeypatch):
+def test_other_side_effects_in_checkpointed_blocks_are_a_clear_error(reentrant):
     x = torch.randn(2, 8, 32)
     model = Net()
     model.calls = 0
@@ -189,7 +189,7 @@ def test_other_side_effects_in_checkpointed_blocks_are_a_clear_error(reentrant, 
     with pytest.raises(mhc_fx.CaptureError, match="calls.*skip_fwd_side_effects_in_bwd_under_checkpoint"):
         model.train()(x)
     # with Dynamo's opt-in the mutation runs once per block and call (not again in backward)
-    monkeypatch.setattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True)
-    model.calls = 0
-    model(x).sum().backward()
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        model.calls = 0
+        model(x).sum().backward()
     assert model.calls == 3

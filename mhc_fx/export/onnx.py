@@ -26,6 +26,7 @@ from ..convert.guarded import ConvertedForward
 from ..convert.rewrite import analyse, rewrite_graph
 from ..errors import MHCError
 from ..kernels.custom_ops import decompositions
+from .runtime_sinkhorn import runtime_sinkhorns
 
 #: relative error allowed between ONNX Runtime and PyTorch
 VERIFY_TOLERANCE = 1e-4
@@ -112,14 +113,17 @@ def forward_replaced(model: nn.Module, forward: Callable | None) -> Iterator[Any
 
 
 def exported_program(
-    model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, forward: Callable | None = None
+    model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, forward: Callable | None = None, runtime_layout: bool = True
 ) -> torch.export.ExportedProgram:
     """``model``'s function (with ``forward`` in place of its class's, see :func:`forward_replaced`)
     as an eval-ready ``ExportedProgram`` with the reference math in place of any fused op. A
     converted model is captured by ``torch.export`` (dynamic sizes) and rewritten with its plan
-    and connection modules — the same rewrite its calls get — then exported again."""
+    and connection modules — the same rewrite its calls get — then exported again; with
+    ``runtime_layout`` its Sinkhorn projections in their runtime layout (:mod:`.runtime_sinkhorn`:
+    the same function), else as the reference spells them."""
     try:
-        with forward_replaced(model, forward) as own:
+        layout = runtime_sinkhorns(model) if runtime_layout else contextlib.nullcontext()
+        with forward_replaced(model, forward) as own, layout:
             traced = model
             if isinstance(own, ConvertedForward):
                 traced = export_graph(model, args, kwargs, dynamic)
@@ -254,7 +258,8 @@ def export_onnx(
     was = model.training
     model.eval()
     try:
-        ep = exported_program(model, args, kwargs, dynamic)
+        # local functions keep the reference Sinkhorn (a runtime may replace the function whole)
+        ep = exported_program(model, args, kwargs, dynamic, runtime_layout=not functions)
         program, calls = onnx_program(ep, type(model).__name__, _input_names(model, args, kwargs), opset=opset, functions=functions)
         program.save(str(path))
         graph = program.model.graph
