@@ -9,9 +9,8 @@ each at batch 1 and 8. Both files are exported by ``mhc_fx.export_onnx`` (verifi
 import argparse
 import copy
 import pathlib
-import statistics
+import sys
 import tempfile
-import time
 
 import onnx
 import onnxruntime as ort
@@ -20,6 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 import mhc_fx
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from ort_timing import interleaved_medians, session  # noqa: E402
 
 
 def _models():
@@ -35,27 +37,15 @@ def _models():
     yield "vit_tiny_patch16_224", vit, lambda b: {"x": torch.randn(b, 3, 224, 224)}
 
 
-def _latency(path, feeds, repeats):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    feed = {n: t.numpy() for n, t in zip(names, feeds)}
-    session.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     out = pathlib.Path(args.out_dir or tempfile.mkdtemp())
-    table = Table(title=f"ONNX Runtime {ort.__version__} CPU, {torch.get_num_threads()} threads, median of {args.repeats} (ms)")
-    for col in ("model", "batch", "original ms", "mHC n=4 ms", "×", "nodes original", "nodes mHC"):
+    table = Table(title=f"ONNX Runtime {ort.__version__} CPU, {args.threads} threads, median of {args.repeats}, interleaved (ms)")
+    for col in ("model", "batch", "original ms", "mHC n=4 ms", "×", "nodes original", "nodes mHC", "nodes / block"):
         table.add_column(col, justify="right")
     for name, model, make in _models():
         model.eval()
@@ -66,11 +56,17 @@ def main() -> None:
             files[tag] = out / f"{name.split()[0]}_{tag}.onnx"
             mhc_fx.export_onnx(m, (), files[tag], example_kwargs=kwargs)
         nodes = {tag: len(onnx.load(str(p), load_external_data=False).graph.node) for tag, p in files.items()}
+        per_block = (nodes["mhc"] - nodes["original"]) / mhc_fx.report(converted).num_blocks
+        sessions = {tag: session(p, args.threads) for tag, p in files.items()}
         for batch in (1, 8):
             feeds = [v for v in make(batch).values() if isinstance(v, torch.Tensor)]
-            base, mhc = (_latency(files[t], feeds, args.repeats) for t in ("original", "mhc"))
+            runs = {}
+            for tag, sess in sessions.items():
+                runs[tag] = (sess, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), feeds)})
+            medians = interleaved_medians(runs, args.repeats)
+            base, mhc = medians["original"], medians["mhc"]
             table.add_row(name, str(batch), f"{base * 1e3:.2f}", f"{mhc * 1e3:.2f}", f"{mhc / base:.2f}",
-                          str(nodes["original"]), str(nodes["mhc"]))
+                          str(nodes["original"]), str(nodes["mhc"]), f"{per_block:.1f}")
     Console().print(table)
 
 

@@ -14,6 +14,8 @@ Reduce = Literal["mean", "sum", "learned"]
 METHODS = ("mhc", "hc", "hc-static", "residual")
 INITS = ("preserve", "paper")
 REDUCES = ("mean", "sum", "learned")
+#: mHC forms (:data:`mhc_fx.nn.functional.FORMS`)
+FORMS = ("paper", "deepseek_v4")
 MAX_STREAMS = 8
 
 
@@ -41,7 +43,11 @@ class MHCConfig:
         fused_ops: run mHC connections through the fused ``torch.ops.mhc_fx`` ops (Triton
             kernels on CUDA, forward and backward) instead of the reference math; same
             function. On CPU they run the reference (or the interpreted kernels under
-            ``TRITON_INTERPRET=1``). mHC only.
+            ``TRITON_INTERPRET=1``). mHC only, paper form.
+        form: the form of mHC's coefficients (DESIGN §2 "Forms"): ``"paper"`` (arXiv 2512.24880)
+            or ``"deepseek_v4"`` (DeepSeek-V4's, as Hugging Face ships it: connections with its
+            parameters ``fn``, ``base``, ``scale``, loadable into ``DeepseekV4HyperConnection``;
+            ``eps`` is its ``rms_norm_eps``, its ``hc_eps`` is 1e-6). mHC only.
     """
 
     n: int = 4
@@ -53,6 +59,7 @@ class MHCConfig:
     reduce: Reduce = "mean"
     feature_dim: int | None = None
     fused_ops: bool = False
+    form: str = "paper"
 
     def __post_init__(self) -> None:
         if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= MAX_STREAMS:
@@ -77,6 +84,15 @@ class MHCConfig:
         if self.fused_ops and self.method != "mhc":
             raise ConfigError(
                 f"MHCConfig.fused_ops=True needs method='mhc' (the fused kernels compute mHC), got {self.method!r}"
+            )
+        if self.form not in FORMS:
+            raise ConfigError(f"MHCConfig.form must be one of {FORMS}, got {self.form!r}")
+        if self.form != "paper" and self.method != "mhc":
+            raise ConfigError(f"MHCConfig.form={self.form!r} is a form of mHC: it needs method='mhc', got {self.method!r}")
+        if self.form != "paper" and self.fused_ops:
+            raise ConfigError(
+                f"MHCConfig.fused_ops=True computes the paper form; the fused kernels do not take form={self.form!r} "
+                "yet: use fused_ops=False (torch.compile(model, backend='mhc') still compiles it with Inductor)"
             )
         if self.init == "preserve" and self.reduce == "sum" and self.n > 1 and self.method != "residual":
             raise ConfigError(

@@ -6,6 +6,7 @@ connection module become one call of a local function in the ``mhc_fx`` domain:
 
     MHCConnection → mhc_fx::MHCPre     (RMS + projection + coefficients + H_pre·X)
     HCConnection  → mhc_fx::HCPre
+    DeepSeekV4Connection → mhc_fx::DeepSeekV4Pre
     Sinkhorn      → mhc_fx::Sinkhorn   (called inside MHCPre)
     PostResMix    → mhc_fx::PostRes    (H_res·X + H_postᵀ·y)
 
@@ -21,7 +22,7 @@ from collections import Counter
 import onnx_ir as ir
 
 DOMAIN = "mhc_fx"
-FUNCTIONS = {"MHCConnection": "MHCPre", "HCConnection": "HCPre", "Sinkhorn": "Sinkhorn", "PostResMix": "PostRes"}
+FUNCTIONS = {"MHCConnection": "MHCPre", "DeepSeekV4Connection": "DeepSeekV4Pre", "HCConnection": "HCPre", "Sinkhorn": "Sinkhorn", "PostResMix": "PostRes"}
 SCOPES, CLASSES = "pkg.torch.onnx.name_scopes", "pkg.torch.onnx.class_hierarchy"
 
 

@@ -78,9 +78,11 @@ def runtime_sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def runtime_sinkhorns(model: nn.Module) -> Iterator[None]:
-    """While active, every :class:`~mhc_fx.nn.connections.Sinkhorn` module of ``model`` computes
-    :func:`runtime_sinkhorn` (what an export traces); afterwards the reference again."""
-    modules = [m for m in model.modules() if isinstance(m, Sinkhorn)]
+    """While active, every paper-form :class:`~mhc_fx.nn.connections.Sinkhorn` module of ``model``
+    computes :func:`runtime_sinkhorn` (what an export traces); afterwards the reference again.
+    Other forms keep their own spelling (DeepSeek-V4's is already a division form, finite at any
+    spread)."""
+    modules = [m for m in model.modules() if isinstance(m, Sinkhorn) and m.form == MF.PAPER]
     for module in modules:
         module.forward = lambda logits, iters=module.iters: runtime_sinkhorn(logits, iters)
     try:

@@ -13,6 +13,7 @@ the math runs in the canonical ``[..., n, C]`` token layout of :mod:`mhc_fx.nn.f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -147,6 +148,63 @@ class MHCConnection(Connection):
         return f"n={self.n}, channels={self.channels}, stream_dim={self.stream_dim}, fused={self.fused}"
 
 
+class DeepSeekV4Connection(Connection):
+    """mHC of one residual block in DeepSeek-V4's form (:data:`mhc_fx.nn.functional.DEEPSEEK_V4`),
+    with DeepSeek-V4's parameters: its ``state_dict`` loads into Hugging Face's
+    ``DeepseekV4HyperConnection`` (strict) and the two compute the same function (``H_res`` here is
+    their ``comb`` transposed, which their decoder layer mixes with).
+
+    Parameters (``K = n² + 2n``): ``fn [K, n*C]`` (the projection, φᵀ), ``base [K]``, ``scale [3]``;
+    float32.
+
+    Args:
+        n, channels, index, stream_dim, sinkhorn_iters, alpha_init (the scales), init: as
+        :class:`MHCConnection`; eps: the RMS normalisation's epsilon (``rms_norm_eps``);
+        hc_eps: the form's epsilon (``hc_eps``: ``H_pre``, the softmax start and every Sinkhorn
+        denominator).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        channels: int,
+        *,
+        index: int = 0,
+        stream_dim: int = -2,
+        sinkhorn_iters: int = 20,
+        eps: float = 1e-6,
+        hc_eps: float = MF.DEEPSEEK_V4.res_eps,
+        alpha_init: float = 0.01,
+        init: str = "preserve",
+    ) -> None:
+        super().__init__(n, channels, stream_dim)
+        self.eps = eps
+        self.form = dataclasses.replace(MF.DEEPSEEK_V4, pre_eps=hc_eps, res_eps=hc_eps)
+        self.sinkhorn = Sinkhorn(sinkhorn_iters, self.form)
+        k = n * n + 2 * n
+        self.fn = nn.Parameter(torch.zeros(k, n * channels))
+        self.base = nn.Parameter(torch.zeros(k))
+        self.scale = nn.Parameter(torch.full((3,), float(alpha_init)))
+        with torch.no_grad():
+            if init == "preserve":  # H_pre = σ(base) + hc_eps: the preserve weights exactly
+                pre = preserve_pre_weights(n, index) - hc_eps
+                self.base[:n] = _logit(pre.double()).float()
+                self.base[2 * n :] = _res_logits(n).flatten()  # post logits stay 0: H_post = 1
+            else:
+                self.fn.normal_(0.0, PAPER_PHI_STD)
+
+    def coefficients(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(H_pre [..., n], H_post [..., n], H_res [..., n, n] = combᵀ)`` of a token-layout stream."""
+        return MF.mhc_coefficients(X, self.fn.t(), self.scale, self.base, eps=self.eps, project_res=self.sinkhorn,
+                                   form=self.form)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"scale", "base"}
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, channels={self.channels}, stream_dim={self.stream_dim}, form=deepseek_v4"
+
+
 class HCConnection(Connection):
     """Hyper-connection of one residual block (HC, ByteDance), dynamic or static.
 
@@ -209,17 +267,17 @@ def post_res_mix(
 
 class Sinkhorn(nn.Module):
     """Sinkhorn-Knopp projection :func:`~mhc_fx.nn.functional.sinkhorn` with ``iters``
-    iterations: logits ``[..., n, n]`` → doubly stochastic ``[..., n, n]``."""
+    iterations, as ``form`` spells it: logits ``[..., n, n]`` → doubly stochastic ``[..., n, n]``."""
 
-    def __init__(self, iters: int) -> None:
+    def __init__(self, iters: int, form: MF.Form = MF.PAPER) -> None:
         super().__init__()
-        self.iters = iters
+        self.iters, self.form = iters, form
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return MF.sinkhorn(logits, self.iters)
+        return MF.sinkhorn(logits, self.iters, self.form)
 
     def extra_repr(self) -> str:
-        return f"iters={self.iters}"
+        return f"iters={self.iters}" + ("" if self.form == MF.PAPER else f", form={self.form.name}")
 
 
 class PostResMix(nn.Module):

@@ -18,12 +18,17 @@ A residual block ``x_{l+1} = x_l + F(x_l)`` becomes::
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "Form",
+    "PAPER",
+    "DEEPSEEK_V4",
+    "FORMS",
     "compute_dtype",
     "sinkhorn",
     "mhc_coefficients",
@@ -43,8 +48,50 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
-    """Sinkhorn-Knopp projection onto the doubly stochastic matrices (mHC Eq. 9).
+@dataclasses.dataclass(frozen=True)
+class Form:
+    """A form of mHC: the constants and choices that tell one spelling of its coefficients from
+    another (DESIGN §2 "Forms"). Everything else — the RMS-normalised projection
+    ``h̃ = α_group · (v·φ) / r + b`` and the mixing — is shared.
+
+    Attributes:
+        name: what the form is called (``MHCConfig.form``).
+        pre_eps: ``H_pre = σ(h̃_pre) + pre_eps``.
+        softmax_start: Sinkhorn starts from the rows' softmax of the logits plus ``res_eps``
+            (the first row normalisation), instead of ``exp(logits − max)``.
+        res_eps: added to every Sinkhorn denominator (``M / (sum + res_eps)``).
+        columns_first: each of the ``iters`` Sinkhorn pairs normalises columns, then rows (else
+            rows, then columns; with ``softmax_start`` the first rows step is the softmax).
+        transposed: the block mixes with the transpose of the Sinkhorn result
+            (``H_res = combᵀ``: DeepSeek-V4 sums over the first axis of ``comb``).
+    """
+
+    name: str
+    pre_eps: float = 0.0
+    softmax_start: bool = False
+    res_eps: float = 0.0
+    columns_first: bool = True
+    transposed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.softmax_start and self.columns_first:
+            raise ValueError(f"mHC form {self.name!r}: softmax_start is the first rows step, so columns_first must be False")
+
+
+#: The paper's form (DeepSeek-AI, arXiv 2512.24880): Sinkhorn from ``exp(logits − max)``, columns
+#: then rows, no epsilon.
+PAPER = Form("paper")
+#: DeepSeek-V4's form (Hugging Face ``DeepseekV4HyperConnection``, ``hc_eps = 1e-6``):
+#: ``H_pre = σ(·) + eps``; ``comb = softmax_rows(·) + eps``, then columns, then ``iters − 1`` times
+#: rows and columns, each ``/ (sum + eps)``; the block mixes with ``combᵀ``.
+DEEPSEEK_V4 = Form("deepseek_v4", pre_eps=1e-6, softmax_start=True, res_eps=1e-6, columns_first=False, transposed=True)
+#: The forms by name.
+FORMS = {form.name: form for form in (PAPER, DEEPSEEK_V4)}
+
+
+def sinkhorn(logits: torch.Tensor, iters: int, form: Form = PAPER) -> torch.Tensor:
+    """Sinkhorn-Knopp projection onto the doubly stochastic matrices (mHC Eq. 9), as ``form``
+    spells it (the paper's by default; other forms: :func:`_sinkhorn_with_eps`).
 
     The paper's iteration is ``M⁽⁰⁾ = exp(logits)``, then ``iters`` times: divide by the
     column sums, then by the row sums. This computes it in the log domain, ``iters`` times::
@@ -61,15 +108,38 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     Args:
         logits: ``[..., n, n]``, any float dtype (computed in float32 or float64).
         iters: ``t_max``, the number of (column, row) normalisation pairs; ≥ 1.
+        form: the :class:`Form` (its Sinkhorn choices).
 
     Returns:
-        ``[..., n, n]`` in the compute dtype, entries ≥ 0, rows summing to 1.
+        ``[..., n, n]`` in the compute dtype, entries ≥ 0, rows summing to 1 (for the paper form).
     """
     log_m = logits.to(compute_dtype(logits.dtype))
-    for _ in range(iters):
-        log_m = torch.log_softmax(log_m, dim=-2)  # columns: L − logsumexp over each column
-        log_m = torch.log_softmax(log_m, dim=-1)  # rows
-    return log_m.exp()
+    if form.softmax_start or form.res_eps or not form.columns_first:
+        out = _sinkhorn_with_eps(log_m, iters, form)
+    else:
+        for _ in range(iters):
+            log_m = torch.log_softmax(log_m, dim=-2)  # columns: L − logsumexp over each column
+            log_m = torch.log_softmax(log_m, dim=-1)  # rows
+        out = log_m.exp()
+    return out.transpose(-2, -1) if form.transposed else out
+
+
+def _sinkhorn_with_eps(logits: torch.Tensor, iters: int, form: Form) -> torch.Tensor:
+    """The division iteration of a form with epsilons (DeepSeek-V4's): ``M`` = the rows' softmax
+    plus ``res_eps`` (or ``exp(logits − max)``), then ``M / (sum + res_eps)`` along the form's
+    axes, ``2·iters`` normalisations in all. With ``softmax_start`` every entry stays ≥
+    ``res_eps / (n + 1)``-ish, so no sum is 0 at any logit spread (finite, as the paper form's
+    log domain is)."""
+    axes = (-2, -1) if form.columns_first else (-1, -2)  # (first, second) normalisation of each pair
+    steps = [axis for _ in range(iters) for axis in axes]
+    if form.softmax_start:
+        m = torch.softmax(logits, dim=-1) + form.res_eps
+        steps = steps[1:]  # the softmax was the first rows normalisation
+    else:
+        m = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    for axis in steps:
+        m = m / (m.sum(dim=axis, keepdim=True) + form.res_eps)
+    return m
 
 
 def group_gate(alpha: torch.Tensor, n: int) -> torch.Tensor:
@@ -87,13 +157,16 @@ def mhc_coefficients(
     sinkhorn_iters: int = 20,
     eps: float = 1e-6,
     project_res: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    form: Form = PAPER,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mHC mapping coefficients (mHC Eq. 7–9, RMSNorm reordered as in §4.3.1).
 
     ``v = vec(X)``, ``r = sqrt(mean(v²) + eps)``, ``raw = v·φ``,
-    ``h̃ = α_group · raw / r + b``; then ``H_pre = σ(h̃_pre)``, ``H_post = 2σ(h̃_post)`` and
-    ``H_res = Sinkhorn(mat(h̃_res))``. The columns of φ and b are ordered ``[pre (n), post (n),
-    res (n², row-major)]``.
+    ``h̃ = α_group · raw / r + b``; then ``H_pre = σ(h̃_pre) + pre_eps``, ``H_post = 2σ(h̃_post)``
+    and ``H_res = Sinkhorn(mat(h̃_res))`` as ``form`` spells them (the paper's: ``pre_eps = 0``).
+    The columns of φ and b are ordered ``[pre (n), post (n), res (n², row-major)]``.
+    DeepSeek-V4 normalises first (``x̃ = v / r``, then ``x̃ · fnᵀ``): the same function with
+    ``φ = fnᵀ``, ``α = scale``, ``b = base``.
 
     Args:
         X: ``[..., n, C]`` stream.
@@ -102,8 +175,9 @@ def mhc_coefficients(
         bias: ``[n*n + 2n]``.
         sinkhorn_iters: ``t_max``.
         eps: added to the mean square before the square root.
-        project_res: computes ``Sinkhorn(·, sinkhorn_iters)`` instead of :func:`sinkhorn` (a
+        project_res: computes ``Sinkhorn(·, sinkhorn_iters, form)`` instead of :func:`sinkhorn` (a
             module doing the same, so traced graphs show it as its own scope).
+        form: the :class:`Form` (paper by default).
 
     Returns:
         ``(H_pre [..., n], H_post [..., n], H_res [..., n, n])`` in the compute dtype.
@@ -115,10 +189,10 @@ def mhc_coefficients(
     raw = v @ phi.to(dt)  # [..., n²+2n]
     h = raw * group_gate(alpha.to(dt), n) / r + bias.to(dt)
     h_pre, h_post, h_res = h.split([n, n, n * n], dim=-1)
-    H_pre = torch.sigmoid(h_pre)
+    H_pre = torch.sigmoid(h_pre) + form.pre_eps if form.pre_eps else torch.sigmoid(h_pre)
     H_post = 2.0 * torch.sigmoid(h_post)
     logits = h_res.unflatten(-1, (n, n))
-    H_res = project_res(logits) if project_res is not None else sinkhorn(logits, sinkhorn_iters)
+    H_res = project_res(logits) if project_res is not None else sinkhorn(logits, sinkhorn_iters, form)
     return H_pre, H_post, H_res
 
 

@@ -1,0 +1,139 @@
+"""Forms of mHC (DESIGN §2 "Forms"): the reference computes DeepSeek-V4's form as Hugging Face's
+``DeepseekV4HyperConnection`` / its decoder layer do (the oracle, off init, float64 and float32),
+the paper form is unchanged, and ``convert(..., form="deepseek_v4")`` produces connections whose
+state dicts load into DeepSeek-V4's module and compute its function."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import mhc_fx
+from mhc_fx.demo.zoo import TinyGPT
+from mhc_fx.nn import DeepSeekV4Connection
+from mhc_fx.nn import functional as MF
+
+from .conftest import rel_err
+
+transformers = pytest.importorskip("transformers")
+modeling = pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4")
+
+
+def _hf_connection(n, channels, iters=20, hc_eps=1e-6, seed=0):
+    """Hugging Face's DeepseekV4HyperConnection with random (off-init) parameters."""
+    config = transformers.DeepseekV4Config(hidden_size=channels, hc_mult=n, hc_sinkhorn_iters=iters, hc_eps=hc_eps)
+    module = modeling.DeepseekV4HyperConnection(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        module.fn.copy_(0.5 * torch.randn(module.fn.shape, generator=g))
+        module.base.copy_(torch.randn(module.base.shape, generator=g))
+        module.scale.copy_(1.0 + 0.5 * torch.rand(3, generator=g))
+    return module
+
+
+def _hf_block(hf, X, y):
+    """DeepseekV4DecoderLayer's mixing around one connection: ``(collapsed, X_next)``."""
+    post, comb, collapsed = hf(X)
+    X_next = post.to(X.dtype).unsqueeze(-1) * y.unsqueeze(-2) + torch.matmul(comb.to(X.dtype).transpose(-1, -2), X)
+    return collapsed, X_next
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+# Hugging Face computes the coefficients in float32 whatever the stream dtype (``.float()``): a
+# float64 stream is compared to float32 rounding too
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-5)])
+def test_deepseek_v4_form_is_hugging_faces_function(n, dtype, tol):
+    channels = 24
+    hf = _hf_connection(n, channels).to(dtype)
+    ours = DeepSeekV4Connection(n, channels, eps=hf.input_norm.variance_epsilon).to(dtype)
+    ours.load_state_dict(hf.state_dict())  # strict: the same parameters, named and shaped alike
+    X = torch.randn(2, 5, n, channels, dtype=dtype, requires_grad=True)
+    y = torch.randn(2, 5, channels, dtype=dtype)
+    h, H_post, H_res = ours(X)
+    collapsed, X_next = _hf_block(hf, X, y)
+    assert rel_err(h, collapsed) <= tol
+    assert rel_err(MF.post_res_mix(X, y, H_post, H_res), X_next) <= tol
+    # gradients of both with respect to the stream and the parameters
+    g = torch.randn_like(X_next)
+    ours_grads = torch.autograd.grad((MF.post_res_mix(X, y, H_post, H_res) * g).sum() + h.sum(), [X, *ours.parameters()])
+    hf_grads = torch.autograd.grad((X_next * g).sum() + collapsed.sum(), [X, *hf.parameters()])
+    for a, b in zip(ours_grads, hf_grads):
+        assert rel_err(a, b) <= 10 * tol
+
+
+def test_deepseek_v4_sinkhorn_is_finite_at_any_spread_and_the_paper_form_is_unchanged():
+    logits = 300.0 * torch.randn(6, 4, 4)
+    out = MF.sinkhorn(logits, 20, MF.DEEPSEEK_V4)
+    assert torch.isfinite(out).all() and (out >= 0).all()
+    # the paper form: the log-domain iteration as it was (the default)
+    log_m = logits.double()
+    for _ in range(20):
+        log_m = torch.log_softmax(torch.log_softmax(log_m, dim=-2), dim=-1)
+    assert torch.equal(MF.sinkhorn(logits.double(), 20), log_m.exp())
+    # without its epsilons, DeepSeek-V4's projection is the paper's on the transposed logits
+    no_eps = dataclasses.replace(MF.DEEPSEEK_V4, pre_eps=0.0, res_eps=0.0)
+    small = torch.randn(6, 4, 4, dtype=torch.float64)
+    assert rel_err(MF.sinkhorn(small, 20, no_eps), MF.sinkhorn(small.transpose(-2, -1), 20)) <= 1e-12
+
+
+def test_a_third_form_is_a_few_lines():
+    rows_first = MF.Form("rows_first", columns_first=False)
+    out = MF.sinkhorn(torch.randn(3, 4, 4, dtype=torch.float64), 30, rows_first)
+    assert rel_err(out.sum(-2), torch.ones(3, 4, dtype=torch.float64)) <= 1e-12  # ends on columns
+    with pytest.raises(ValueError, match="columns_first"):
+        MF.Form("bad", softmax_start=True)
+
+
+def test_convert_produces_the_deepseek_v4_form():
+    ids = torch.randint(0, 96, (2, 8))
+    original = TinyGPT(layers=2).eval()
+    config = mhc_fx.MHCConfig(n=4, form="deepseek_v4")
+    model = mhc_fx.convert(copy.deepcopy(original), (ids,), config=config).eval()
+    connections = {name: m for name, m in model.named_modules() if isinstance(m, DeepSeekV4Connection)}
+    assert len(connections) == mhc_fx.report(model).num_blocks == 4
+    other = torch.randint(0, 96, (3, 5))
+    with torch.no_grad():  # function-preserving at init (to hc_eps per block)
+        assert rel_err(model(other), original(other)) <= 1e-4
+    # off init, every connection is Hugging Face's module with the same state dict
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in connections.values():
+            m.fn.normal_(0.0, 0.3)
+            m.base.add_(0.5 * torch.randn_like(m.base))
+    for name, m in connections.items():
+        hf = _hf_connection(4, m.channels)
+        hf.load_state_dict(m.state_dict())
+        X, y = torch.randn(2, 3, 4, m.channels), torch.randn(2, 3, m.channels)
+        h, H_post, H_res = m(X)
+        collapsed, X_next = _hf_block(hf, X, y)
+        assert rel_err(h, collapsed) <= 1e-5 and rel_err(MF.post_res_mix(X, y, H_post, H_res), X_next) <= 1e-5, name
+
+
+def test_the_form_is_checked():
+    with pytest.raises(mhc_fx.ConfigError, match="form must be one of"):
+        mhc_fx.MHCConfig(form="v5")
+    with pytest.raises(mhc_fx.ConfigError, match="method='mhc'"):
+        mhc_fx.MHCConfig(method="hc", form="deepseek_v4")
+    with pytest.raises(mhc_fx.ConfigError, match="fused kernels do not take"):
+        mhc_fx.MHCConfig(form="deepseek_v4", fused_ops=True)
+
+
+@pytest.mark.slow
+def test_the_form_survives_save_load_and_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from mhc_fx.pretrained import save
+
+    ids = torch.randint(0, 96, (2, 8))
+    model = mhc_fx.convert(TinyGPT(layers=2), (ids,), config=mhc_fx.MHCConfig(n=2, form="deepseek_v4")).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".fn", ".base")):
+                p.add_(0.3 * torch.randn_like(p))
+    save(model, tmp_path / "saved", "mhc_fx.demo.zoo:TinyGPT")
+    loaded = mhc_fx.from_pretrained(tmp_path / "saved", model=lambda: TinyGPT(layers=2))
+    assert any(isinstance(m, DeepSeekV4Connection) for m in loaded.modules())
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    report = mhc_fx.export_onnx(model, (ids,), tmp_path / "dsv4.onnx")
+    assert len(report.checks) == 2
