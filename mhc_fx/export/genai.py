@@ -57,12 +57,6 @@ class GenAIReport:
     checked: list[tuple[list[int], list[int]]] = dataclasses.field(default_factory=list)
 
 
-def _cache_class():
-    from transformers import DynamicCache
-
-    return DynamicCache
-
-
 def _decoder_config(model: nn.Module):
     """The model's text config, or an :class:`ExportError` saying why it cannot be exported this way."""
     config = getattr(model, "config", None)
@@ -85,11 +79,13 @@ def _decoder_config(model: nn.Module):
 def _step(model: nn.Module, layers: int):
     """One decoder step of ``model``: ``(input_ids, attention_mask, position_ids, past)`` with
     ``past`` a list ``[k0, v0, k1, v1, ...]`` → ``(logits, present k0, present v0, ...)``."""
-    cache_class, forward = _cache_class(), type(model).forward
+    from transformers import DynamicCache
+
+    forward = type(model).forward
     cache_argument = "cache" if "cache" in forward.__code__.co_varnames else "past_key_values"
 
     def step(input_ids, attention_mask, position_ids, past):
-        cache = cache_class(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(layers)], config=model.config)
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(layers)], config=model.config)
         out = forward(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       use_cache=True, **{cache_argument: cache})
         present = out.cache if "cache" in out else out.past_key_values
@@ -183,14 +179,13 @@ def _example(model: nn.Module, text: Any) -> tuple[tuple, tuple[int, int, int]]:
 
 def _genai_config(text: Any, model_type: str, layers: int, kv_heads: int, head_dim: int, eos: int) -> dict:
     context = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None) or 2048
-    pad = text.pad_token_id if getattr(text, "pad_token_id", None) is not None else eos
     bos = text.bos_token_id if getattr(text, "bos_token_id", None) is not None else eos
     return {
         "model": {
             "type": model_type,
             "bos_token_id": bos,
             "eos_token_id": eos,
-            "pad_token_id": pad,
+            "pad_token_id": _pad_token(text, eos),
             "vocab_size": text.vocab_size,
             "context_length": context,
             "decoder": {
@@ -217,6 +212,11 @@ def _genai_config(text: Any, model_type: str, layers: int, kv_heads: int, head_d
     }
 
 
+def _pad_token(text: Any, eos: int) -> int:
+    """The pad token GenAI fills batches with (and masks out of prompts): the model's, else the end token."""
+    return text.pad_token_id if getattr(text, "pad_token_id", None) is not None else eos
+
+
 def genai_generate(folder: str | pathlib.Path, prompt: list[int], new_tokens: int) -> list[int]:
     """Greedy generation of up to ``new_tokens`` tokens after ``prompt`` with ONNX Runtime GenAI:
     the new tokens (GenAI stops at the end token and leaves it out of its sequence)."""
@@ -234,7 +234,7 @@ def genai_generate(folder: str | pathlib.Path, prompt: list[int], new_tokens: in
 
 def _verify(model: nn.Module, report: GenAIReport, text: Any, eos: int, new_tokens: int) -> None:
     generator = torch.Generator().manual_seed(1)
-    special = {eos, _genai_config(text, "", 0, 0, 0, eos)["model"]["pad_token_id"]}  # GenAI masks pad tokens out
+    special = {eos, _pad_token(text, eos)}  # GenAI masks pad tokens out of prompts
     allowed = torch.tensor([t for t in range(text.vocab_size) if t not in special])
     prompts = [allowed[torch.randint(0, len(allowed), (length,), generator=generator)].tolist() for length in (5, 3)]
     device = next(model.parameters()).device

@@ -185,7 +185,7 @@ def mhc_coefficients(
     n = X.shape[-2]
     dt = compute_dtype(X.dtype)
     v = X.flatten(-2).to(dt)  # [..., nC]
-    r = torch.sqrt(v.square().mean(dim=-1, keepdim=True) + eps)  # [..., 1]
+    r = torch.sqrt((v * v).mean(dim=-1, keepdim=True) + eps)  # [..., 1]; v·v, not square(): ONNX Pow is slow in ORT
     raw = v @ phi.to(dt)  # [..., n²+2n]
     h = raw * group_gate(alpha.to(dt), n) / r + bias.to(dt)
     h_pre, h_post, h_res = h.split([n, n, n * n], dim=-1)
