@@ -136,6 +136,9 @@ def test_models_it_cannot_export_raise(tmp_path):
     with pytest.raises(mhc_fx.ExportError, match="Hugging Face causal LMs"):
         mhc_fx.export_genai(torch.nn.Linear(2, 2), tmp_path)
     llama = _decoder("hf-llama")
+    with pytest.raises(mhc_fx.ExportError, match=r"float32.*model.float\(\)"):
+        mhc_fx.export_genai(llama.to(torch.bfloat16), tmp_path)
+    llama = llama.float()
     llama.config.eos_token_id = 1000
     with pytest.raises(mhc_fx.ExportError, match="end token 1000 .*eos_token_id="):
         mhc_fx.export_genai(llama, tmp_path)

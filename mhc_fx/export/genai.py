@@ -119,6 +119,12 @@ def export_genai(
         A :class:`GenAIReport`.
     """
     text = _decoder_config(model)
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes != {torch.float32}:
+        raise ExportError(
+            f"export_genai writes float32 folders (the only kind it checks); {type(model).__name__} has "
+            f"{sorted(str(d) for d in dtypes)} parameters: export model.float()"
+        )
     _require("onnxscript", "onnx", "ONNX export")
     if verify:
         _require("onnxruntime_genai", "genai", "verify=True (generating with ONNX Runtime GenAI)")
