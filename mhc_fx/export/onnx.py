@@ -100,8 +100,10 @@ def _tensor_leaves(args: tuple, kwargs: dict) -> list[torch.Tensor]:
 def forward_replaced(model: nn.Module, forward: Callable | None) -> Iterator[Any]:
     """While active, ``model.forward`` is ``forward`` (a function of the call's inputs that calls
     ``type(model).forward``), or without it the class's own ``forward``: what a capture traces.
-    Yields the instance ``forward`` it set aside (a converted model's guarded call, or None)."""
-    own = model.__dict__.pop("forward", None)
+    Yields the instance ``forward`` it set aside (a converted model's guarded call, or None); any
+    other instance ``forward`` (a wrapper's hook) stays in place unless ``forward`` replaces it."""
+    replace = forward is not None or isinstance(model.__dict__.get("forward"), ConvertedForward)
+    own = model.__dict__.pop("forward", None) if replace else None
     if forward is not None:
         model.forward = forward
     try:
