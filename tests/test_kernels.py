@@ -28,14 +28,15 @@ def pre_params(n, C, dtype=torch.float32):
 
 # Oracles: the functional reference (mhc_fx/nn/functional.py) composed as the ops compose it,
 # evaluated on float64 copies of the inputs (not cpu_path, which spells the same math its own way).
-def pre_reference(X, phi, alpha, bias, iters, eps):
-    H_pre, H_post, H_res = MF.mhc_coefficients(X, phi, alpha, bias, sinkhorn_iters=iters, eps=eps)
+def pre_reference(X, phi, alpha, bias, iters, eps, path="auto", form="paper"):
+    form = MF.Form.from_spec(form)
+    H_pre, H_post, H_res = MF.mhc_coefficients(X, phi, alpha, bias, sinkhorn_iters=iters, eps=eps, form=form)
     return MF.pre_mix(X, H_pre), H_pre, H_post, H_res
 
 
-def post_res_pre_reference(X, y, H_post, H_res, phi, alpha, bias, iters, eps):
+def post_res_pre_reference(X, y, H_post, H_res, phi, alpha, bias, iters, eps, path="auto", form="paper"):
     X_next = MF.post_res_mix(X, y, H_post, H_res)
-    return (X_next, *pre_reference(X_next, phi, alpha, bias, iters, eps))
+    return (X_next, *pre_reference(X_next, phi, alpha, bias, iters, eps, form=form))
 
 
 def leaves(*ts):
@@ -103,6 +104,38 @@ def test_fused_post_res_pre_matches_reference(n, C, dtype):
     before = runtime.launches["post_res_pre_fwd"]
     check_op(ops.post_res_pre, post_res_pre_reference, inputs, (ITERS, 1e-6), dtype)
     assert runtime.launches["post_res_pre_fwd"] == before + 1
+
+
+#: DeepSeek-V4's form with a larger epsilon (its effect then shows above fp32 rounding), and a
+#: third form (rows first, no epsilon): the kernels take any form's constants.
+FORMS = [MF.DEEPSEEK_V4, MF.Form("dsv4_eps", pre_eps=0.03, softmax_start=True, res_eps=0.05, columns_first=False,
+                                  transposed=True), MF.Form("rows_first", columns_first=False)]
+
+
+@pytest.mark.parametrize("form", FORMS, ids=lambda f: f.name)
+@pytest.mark.parametrize(
+    "n,path",
+    # auto: the kernels, interpreted here; the compiled CPU path compiles per shape and form (~20 s each)
+    [(n, "auto") for n in (1, 2, 4, 8)] + [(n, "reference") for n in (1, 2, 4, 8)] + [(4, "compiled_reference")],
+)
+def test_pre_side_in_other_forms_matches_the_reference(form, n, path):
+    if path == "auto" and not runtime.use_triton(torch.empty(0)):
+        pytest.skip("the kernels run on CPU only under TRITON_INTERPRET=1")
+    C = 40
+    X = torch.randn(T, n, C)
+    check_op(ops.mhc_pre, pre_reference, (X, *pre_params(n, C)), (ITERS, 1e-6, path, form.spec), torch.float32)
+    y, H_res = torch.randn(T, C), MF.sinkhorn(torch.randn(T, n, n), 3)
+    inputs = (X, y, 2 * torch.rand(T, n), H_res, *pre_params(n, C))
+    check_op(ops.post_res_pre, post_res_pre_reference, inputs, (ITERS, 1e-6, path, form.spec), torch.float32)
+
+
+def test_forms_as_op_arguments_round_trip_and_bad_ones_are_named():
+    for form in FORMS:
+        assert MF.Form.from_spec(form.spec) == form
+    assert MF.DEEPSEEK_V4.spec == "deepseek_v4"
+    X = torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="not one of"):
+        ops.mhc_pre(X, *pre_params(4, 8), ITERS, 1e-6, "reference", "v5")
 
 
 @needs_kernels

@@ -26,6 +26,7 @@ import tempfile
 
 import torch
 
+from ..nn.functional import Form
 from . import runtime
 
 #: Kernel name → (module, ``@triton.jit`` function).
@@ -50,17 +51,21 @@ _RESERVED_SMEM = 1024
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """One compile: a kernel (a key of :data:`runtime.KERNELS`) at n streams, C channels, a
-    stream dtype, for a target (a key of :data:`runtime.TARGETS`)."""
+    stream dtype, for a target (a key of :data:`runtime.TARGETS`), in a form of mHC (its
+    :attr:`~mhc_fx.nn.functional.Form.spec`; the pre-side kernels compile per form)."""
 
     kernel: str
     target: str
     n: int
     C: int
     dtype: torch.dtype
+    form: str = "paper"
 
     def launch(self) -> runtime.Launch:
         """What the launcher picks for this spec."""
-        return runtime.launch_config(self.kernel, self.n, self.C, self.dtype, runtime.TARGETS[self.target])
+        return runtime.launch_config(
+            self.kernel, self.n, self.C, self.dtype, runtime.TARGETS[self.target], Form.from_spec(self.form)
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +107,7 @@ def _signature(fn, launch: runtime.Launch, dtype: torch.dtype) -> dict[str, str]
             types[name] = "constexpr"
         elif name in _INT_ARGS:
             types[name] = "i32"
-        elif name == "eps":
+        elif name in ("eps", "pre_eps", "res_eps"):
             types[name] = "fp32"
         else:
             types[name] = stream if name in _STREAM_ARGS else "*fp32"

@@ -29,21 +29,23 @@ class SinkhornOps(NamedTuple):
     ``mhc_fx::sinkhorn``/``sinkhorn_backward``, compiled once, when it traces the rest of the
     CPU path into a model's graph)."""
 
-    forward: Callable[[torch.Tensor, int], torch.Tensor]
-    backward: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+    forward: Callable[[torch.Tensor, int, str], torch.Tensor]
+    backward: Callable[[torch.Tensor, torch.Tensor, int, str], torch.Tensor]
 
 
 def mhc_pre(
     X: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, iters: int, eps: float,
-    path: str = "auto", *, sinkhorn_ops: SinkhornOps | None = None,
+    path: str = "auto", form: str = "paper", *, sinkhorn_ops: SinkhornOps | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(h, H_pre, H_post, H_res)``: :func:`~mhc_fx.nn.functional.mhc_coefficients`, then
+    """``(h, H_pre, H_post, H_res)``: :func:`~mhc_fx.nn.functional.mhc_coefficients` in the
+    form ``form`` (a :attr:`~mhc_fx.nn.functional.Form.spec`), then
     :func:`~mhc_fx.nn.functional.pre_mix` (``path``, where the op would run, does not change
     the function: the decompositions accept and drop it; ``sinkhorn_ops``: see
     :class:`SinkhornOps`, default :func:`sinkhorn`)."""
     project = (sinkhorn_ops or DIRECT).forward
     H_pre, H_post, H_res = MF.mhc_coefficients(
-        X, phi, alpha, bias, sinkhorn_iters=iters, eps=eps, project_res=lambda logits: project(logits, iters)
+        X, phi, alpha, bias, sinkhorn_iters=iters, eps=eps, form=MF.Form.from_spec(form),
+        project_res=lambda logits: project(logits, iters, form),
     )
     return MF.pre_mix(X, H_pre), H_pre, H_post, H_res
 
@@ -110,10 +112,13 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
-    """:func:`~mhc_fx.nn.functional.sinkhorn` of ``logits [..., n, n]`` (in its compute dtype),
-    iterated tokens-last → dense ``[..., n, n]`` (as the ops' outputs are)."""
+def sinkhorn(logits: torch.Tensor, iters: int, form: str = "paper") -> torch.Tensor:
+    """:func:`~mhc_fx.nn.functional.sinkhorn` of ``logits [..., n, n]`` (in its compute dtype)
+    in the form ``form`` → dense ``[..., n, n]`` (as the ops' outputs are). The paper form is
+    iterated tokens-last; other forms are the reference's division steps as they are."""
     logits = logits.to(MF.compute_dtype(logits.dtype))
+    if form != MF.PAPER.name:
+        return _dense(MF.sinkhorn(logits, iters, MF.Form.from_spec(form)))
     if _compiled_loops(logits):
         log_m = _scanned(logits, iters, _step_only)[0]
     else:
@@ -125,10 +130,11 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
 def post_res_pre(
     X: torch.Tensor, y: torch.Tensor, H_post: torch.Tensor, H_res: torch.Tensor,
     phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, iters: int, eps: float, path: str = "auto",
+    form: str = "paper",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(X_next, h, H_pre, H_post', H_res')``: :func:`post_res`, then :func:`mhc_pre` on X_next."""
     X_next = post_res(X, y, H_post, H_res)
-    return (X_next, *mhc_pre(X_next, phi, alpha, bias, iters, eps))
+    return (X_next, *mhc_pre(X_next, phi, alpha, bias, iters, eps, form=form))
 
 
 #: What export decomposes the forward ops into (``ExportedProgram.run_decompositions``).
@@ -139,15 +145,17 @@ DECOMPOSITIONS = {
 }
 
 
-def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int) -> torch.Tensor:
+def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int, form: str = "paper") -> torch.Tensor:
     """Exact gradient of :func:`~mhc_fx.nn.functional.sinkhorn` w.r.t. ``logits [..., n, n]``
     for ``grad = ∂L/∂H_res``, through every iteration (iterates kept, then walked back).
 
     In the log domain a step ``L' = L − LSE(L)`` along an axis has the gradient
     ``g = g' − exp(L') · Σ_axis g'``, and ``H_res = exp(L_T)`` gives ``g_T = grad · H_res``:
     products and sums of the normalised iterates only, no division (finite wherever the
-    forward is).
+    forward is). Other forms: :func:`_division_backward`.
     """
+    if form != MF.PAPER.name:
+        return _division_backward(logits, grad, iters, MF.Form.from_spec(form))
     if _compiled_loops(logits):
         from torch._higher_order_ops.scan import scan
 
@@ -160,6 +168,31 @@ def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int) -> t
         for step in reversed(steps):
             g = _step_back(g, step)[0]
     return g.movedim((0, 1), (-2, -1))
+
+
+def _division_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int, form: MF.Form) -> torch.Tensor:
+    """The exact gradient of a division-form Sinkhorn (:func:`~mhc_fx.nn.functional.sinkhorn`
+    with ``form``'s epsilons and start). A step ``M' = M / d``, ``d = Σ_axis M + ε``, has the
+    gradient ``g = (g' − Σ_axis g'·M') / d``; the softmax start ``M⁰ = P + ε`` has
+    ``g_logits = P·(g − Σ_rows g·P)``; an ``exp(logits − max)`` start (``ε = 0``: the shift
+    cancels in the first normalisation) has ``g·P``."""
+    logits = logits.to(MF.compute_dtype(logits.dtype))
+    g = grad.to(logits.dtype).transpose(-2, -1) if form.transposed else grad.to(logits.dtype)
+    if form.softmax_start:
+        start = torch.softmax(logits, dim=-1)
+        m = start + form.res_eps
+    else:
+        start = m = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    steps = []  # (axis, M', d) of every division, in order
+    for axis in form.sinkhorn_axes(iters):
+        d = m.sum(dim=axis, keepdim=True) + form.res_eps
+        m = m / d
+        steps.append((axis, m, d))
+    for axis, out, d in reversed(steps):
+        g = (g - (g * out).sum(dim=axis, keepdim=True)) / d
+    if form.softmax_start:
+        return start * (g - (g * start).sum(dim=-1, keepdim=True))
+    return g * start
 
 
 #: The Sinkhorn of this module (traced or run as it is).
@@ -178,10 +211,10 @@ def _step_back(g: torch.Tensor, step: tuple[torch.Tensor, torch.Tensor]) -> tupl
 def mhc_pre_backward(
     X: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor,
     dh: torch.Tensor, dH_pre: torch.Tensor, dH_post: torch.Tensor, dH_res: torch.Tensor, iters: int, eps: float,
-    *, sinkhorn_ops: SinkhornOps | None = None,
+    form: str = "paper", *, sinkhorn_ops: SinkhornOps | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dX, dφ, dα, db)`` of :func:`mhc_pre` (formulas in :mod:`mhc_fx.kernels.pre`;
-    ``sinkhorn_ops`` as :func:`mhc_pre`'s)."""
+    ``form`` and ``sinkhorn_ops`` as :func:`mhc_pre`'s)."""
     T, n, C = X.shape
     dt = MF.compute_dtype(X.dtype)
     v = X.reshape(T, n * C).to(dt)
@@ -190,11 +223,13 @@ def mhc_pre_backward(
     hn = (v @ phi) / r  # [T, K]
     gate = MF.group_gate(alpha, n)
     ht = hn * gate + bias
-    H_pre, half = torch.sigmoid(ht[:, :n]), torch.sigmoid(ht[:, n : 2 * n])
+    gate_pre, half = torch.sigmoid(ht[:, :n]), torch.sigmoid(ht[:, n : 2 * n])
+    H_pre = gate_pre + MF.Form.from_spec(form).pre_eps
     x_dh = (X.to(dt) * dh.to(dt).unsqueeze(1)).sum(dim=-1)  # [T, n]
-    d_pre = (dH_pre.to(dt) + x_dh) * H_pre * (1 - H_pre)
+    d_pre = (dH_pre.to(dt) + x_dh) * gate_pre * (1 - gate_pre)
     d_post = dH_post.to(dt) * 2 * half * (1 - half)
-    d_res = (sinkhorn_ops or DIRECT).backward(ht[:, 2 * n :].unflatten(-1, (n, n)), dH_res.to(dt), iters).flatten(-2)
+    logits = ht[:, 2 * n :].unflatten(-1, (n, n))
+    d_res = (sinkhorn_ops or DIRECT).backward(logits, dH_res.to(dt), iters, form).flatten(-2)
     dht = torch.cat([d_pre, d_post, d_res], dim=-1)
     draw = dht * gate / r
     dr = -(draw * hn).sum(dim=-1, keepdim=True)

@@ -2,11 +2,12 @@
 
 =====================================  ==========================================================
 ``torch.ops.mhc_fx.mhc_pre``           ``(X, φ, α, b, iters, eps) → (h, H_pre, H_post, H_res)``
+                                       (``form``: any form of mHC, as its ``Form.spec``)
 ``torch.ops.mhc_fx.post_res``          ``(X, y, H_post, H_res) → X_next``
 ``torch.ops.mhc_fx.post_res_pre``      post_res of block l, then mhc_pre of block l+1 on its
                                        output: ``→ (X_next, h, H_pre, H_post, H_res)``
 ``…_backward``                         their gradients (ops too, so compiled graphs keep them)
-``torch.ops.mhc_fx.sinkhorn``          ``(logits, iters) → H_res`` on CPU, compiled: the part of
+``torch.ops.mhc_fx.sinkhorn``          ``(logits, iters, form) → H_res`` on CPU, compiled: the part of
                                        the CPU path the ``mhc`` backend keeps opaque when it
                                        traces the rest into a model's graph
                                        (:func:`traced_cpu_decompositions`)
@@ -17,7 +18,9 @@ coefficients ``H_pre``/``H_post [..., n]``, ``H_res [..., n, n]`` in float32 (fl
 float64 streams); ``φ [nC, n²+2n]``, ``α [3]``, ``b [n²+2n]``; 1 ≤ n ≤ 8. Stream dtypes:
 float32, float16, bfloat16 (and float64, for gradcheck).
 
-The last argument, ``path``, says where a call runs (:data:`mhc_fx.kernels.runtime.PATHS`):
+The last arguments are ``path`` and ``form``. ``form`` is the form of mHC the pre side computes
+(:attr:`mhc_fx.nn.functional.Form.spec`: ``"paper"``, ``"deepseek_v4"``, or any form's fields;
+DESIGN §2 "Forms"). ``path`` says where a call runs (:data:`mhc_fx.kernels.runtime.PATHS`):
 ``"auto"`` (the default) runs the Triton kernels on CUDA, and on CPU under
 ``TRITON_INTERPRET=1``, and elsewhere :mod:`mhc_fx.kernels.cpu_path`, which computes the same
 function; the ``mhc`` backend pins a path per compile. The backward ops take the path their
@@ -33,7 +36,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..nn.functional import compute_dtype
+from ..nn.functional import Form, compute_dtype
 from . import cpu_path, runtime
 
 MAX_STREAMS = 8
@@ -53,8 +56,9 @@ def _check_stream(X: Tensor, op: str) -> None:
         raise ValueError(f"mhc_fx.{op}: X must be float32, float16, bfloat16 or float64, got {X.dtype}")
 
 
-def _check_pre(X: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int) -> None:
+def _check_pre(X: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int, form: str = "paper") -> None:
     _check_stream(X, "mhc_pre")
+    Form.from_spec(form)  # a ValueError naming the registered forms
     n, C = X.shape[-2:]
     K = n * n + 2 * n
     if tuple(phi.shape) != (n * C, K):
@@ -100,29 +104,30 @@ def _pre_outputs(lead: torch.Size, C: int, outs: tuple[Tensor, ...]) -> tuple[Te
 # ------------------------------------------------------------------------------- mhc_pre
 @torch.library.custom_op("mhc_fx::mhc_pre", mutates_args=())
 def mhc_pre(
-    X: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int, eps: float, path: str = "auto"
+    X: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int, eps: float, path: str = "auto",
+    form: str = "paper",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """mHC pre side of one block: ``(h [..., C], H_pre [..., n], H_post [..., n], H_res [..., n, n])``."""
-    return _mhc_pre(X, phi, alpha, bias, iters, eps, path, runtime.reference)
+    return _mhc_pre(X, phi, alpha, bias, iters, eps, path, form, runtime.reference)
 
 
-def _mhc_pre(X, phi, alpha, bias, iters, eps, path, cpu: CpuPath):
+def _mhc_pre(X, phi, alpha, bias, iters, eps, path, form, cpu: CpuPath):
     """The body of :func:`mhc_pre`; ``cpu`` picks how the CPU path runs (:data:`CpuPath`)."""
-    _check_pre(X, phi, alpha, bias, iters)
+    _check_pre(X, phi, alpha, bias, iters, form)
     args = (_tokens(X), _acc(phi, X), _acc(alpha, X), _acc(bias, X), iters, eps)
     path = runtime.resolve_path(path, X)
     if path == "triton":
         from . import pre
 
-        outs = pre.mhc_pre_fwd(*args)
+        outs = pre.mhc_pre_fwd(*args, Form.from_spec(form))
     else:
-        outs = cpu(cpu_path.mhc_pre, path)(*args)
+        outs = cpu(cpu_path.mhc_pre, path)(*args, path, form)
     return _pre_outputs(X.shape[:-2], X.shape[-1], outs)
 
 
 @mhc_pre.register_fake
-def _pre_fake(X, phi, alpha, bias, iters, eps, path="auto"):
-    _check_pre(X, phi, alpha, bias, iters)
+def _pre_fake(X, phi, alpha, bias, iters, eps, path="auto", form="paper"):
+    _check_pre(X, phi, alpha, bias, iters, form)
     lead, (n, C), dt = X.shape[:-2], X.shape[-2:], compute_dtype(X.dtype)
     return (X.new_empty(*lead, C), X.new_empty(*lead, n, dtype=dt), X.new_empty(*lead, n, dtype=dt),
             X.new_empty(*lead, n, n, dtype=dt))
@@ -132,24 +137,25 @@ def _pre_fake(X, phi, alpha, bias, iters, eps, path="auto"):
 def mhc_pre_backward(
     X: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor,
     dh: Tensor, dH_pre: Tensor, dH_post: Tensor, dH_res: Tensor, iters: int, eps: float, path: str,
+    form: str = "paper",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dX, dφ, dα, db)`` of :func:`mhc_pre` for the gradients of its four outputs,
     computed on ``path`` (the one the forward resolved)."""
-    return _mhc_pre_backward(X, phi, alpha, bias, dh, dH_pre, dH_post, dH_res, iters, eps, path, runtime.reference)
+    return _mhc_pre_backward(X, phi, alpha, bias, dh, dH_pre, dH_post, dH_res, iters, eps, path, form, runtime.reference)
 
 
-def _mhc_pre_backward(X, phi, alpha, bias, dh, dH_pre, dH_post, dH_res, iters, eps, path, cpu: CpuPath):
+def _mhc_pre_backward(X, phi, alpha, bias, dh, dH_pre, dH_post, dH_res, iters, eps, path, form, cpu: CpuPath):
     """The body of :func:`mhc_pre_backward` (``cpu`` as :func:`_mhc_pre`'s)."""
-    _check_pre(X, phi, alpha, bias, iters)
+    _check_pre(X, phi, alpha, bias, iters, form)
     grads = (_rows(dh, 1).to(X.dtype), _acc(_rows(dH_pre, 1), X), _acc(_rows(dH_post, 1), X), _acc(_rows(dH_res, 2), X))
     args = (_tokens(X), _acc(phi, X), _acc(alpha, X), _acc(bias, X), *grads, iters, eps)
     path = runtime.resolve_path(path, X)
     if path == "triton":
         from . import pre
 
-        dX, dphi, dalpha, dbias = pre.mhc_pre_bwd(*args)
+        dX, dphi, dalpha, dbias = pre.mhc_pre_bwd(*args, Form.from_spec(form))
     else:
-        dX, dphi, dalpha, dbias = cpu(cpu_path.mhc_pre_backward, path)(*args)
+        dX, dphi, dalpha, dbias = cpu(cpu_path.mhc_pre_backward, path)(*args, form)
     return dX.reshape(X.shape), dphi.to(phi.dtype), dalpha.to(alpha.dtype), dbias.to(bias.dtype)
 
 
@@ -159,14 +165,14 @@ def _dense_like(*tensors: Tensor) -> tuple[Tensor, ...]:
 
 
 @mhc_pre_backward.register_fake
-def _(X, phi, alpha, bias, dh, dH_pre, dH_post, dH_res, iters, eps, path):
+def _(X, phi, alpha, bias, dh, dH_pre, dH_post, dH_res, iters, eps, path, form="paper"):
     return _dense_like(X, phi, alpha, bias)
 
 
 def _pre_setup_context(ctx, inputs, output):
-    X, phi, alpha, bias, iters, eps, path = inputs
+    X, phi, alpha, bias, iters, eps, path, form = inputs
     ctx.save_for_backward(X, phi, alpha, bias)
-    ctx.iters, ctx.eps, ctx.path = iters, eps, runtime.resolve_path(path, X)
+    ctx.iters, ctx.eps, ctx.path, ctx.form = iters, eps, runtime.resolve_path(path, X), form
 
 
 def _pre_grads(X: Tensor, dh, dH_pre, dH_post, dH_res) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -184,8 +190,10 @@ def _pre_grads(X: Tensor, dh, dH_pre, dH_post, dH_res) -> tuple[Tensor, Tensor, 
 def _pre_backward(ctx, dh, dH_pre, dH_post, dH_res):
     X, phi, alpha, bias = ctx.saved_tensors
     grads = _pre_grads(X, dh, dH_pre, dH_post, dH_res)
-    dX, dphi, dalpha, dbias = torch.ops.mhc_fx.mhc_pre_backward(X, phi, alpha, bias, *grads, ctx.iters, ctx.eps, ctx.path)
-    return dX, dphi, dalpha, dbias, None, None, None
+    dX, dphi, dalpha, dbias = torch.ops.mhc_fx.mhc_pre_backward(
+        X, phi, alpha, bias, *grads, ctx.iters, ctx.eps, ctx.path, ctx.form
+    )
+    return dX, dphi, dalpha, dbias, None, None, None, None
 
 
 mhc_pre.register_autograd(_pre_backward, setup_context=_pre_setup_context)
@@ -266,51 +274,53 @@ post_res.register_autograd(_post_backward, setup_context=_post_setup_context)
 @torch.library.custom_op("mhc_fx::post_res_pre", mutates_args=())
 def post_res_pre(
     X: Tensor, y: Tensor, H_post: Tensor, H_res: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int, eps: float,
-    path: str = "auto",
+    path: str = "auto", form: str = "paper",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``X_next = post_res(X, y, H_post, H_res)`` and ``mhc_pre(X_next, φ, α, b)`` in one pass:
     ``(X_next, h, H_pre, H_post', H_res')`` (X_next is read from registers, not memory)."""
-    return _post_res_pre(X, y, H_post, H_res, phi, alpha, bias, iters, eps, path, runtime.reference)
+    return _post_res_pre(X, y, H_post, H_res, phi, alpha, bias, iters, eps, path, form, runtime.reference)
 
 
-def _post_res_pre(X, y, H_post, H_res, phi, alpha, bias, iters, eps, path, cpu: CpuPath):
+def _post_res_pre(X, y, H_post, H_res, phi, alpha, bias, iters, eps, path, form, cpu: CpuPath):
     """The body of :func:`post_res_pre` (``cpu`` as :func:`_mhc_pre`'s)."""
     _check_post(X, y, H_post, H_res)
-    _check_pre(X, phi, alpha, bias, iters)
+    _check_pre(X, phi, alpha, bias, iters, form)
     post_args = (_tokens(X), _rows(y, 1).to(X.dtype), _acc(_rows(H_post, 1), X), _acc(_rows(H_res, 2), X))
     pre_args = (_acc(phi, X), _acc(alpha, X), _acc(bias, X), iters, eps)
     path = runtime.resolve_path(path, X)
     if path == "triton":
         from . import pre
 
-        X_next, *outs = pre.post_res_pre_fwd(*post_args, *pre_args)
+        X_next, *outs = pre.post_res_pre_fwd(*post_args, *pre_args, Form.from_spec(form))
     else:
         # the two functions the other ops compile already (one compile each, shared by every block)
         X_next = cpu(cpu_path.post_res, path)(*post_args)
-        outs = cpu(cpu_path.mhc_pre, path)(X_next, *pre_args)
+        outs = cpu(cpu_path.mhc_pre, path)(X_next, *pre_args, path, form)
     return (X_next.reshape(X.shape), *_pre_outputs(X.shape[:-2], X.shape[-1], tuple(outs)))
 
 
 @post_res_pre.register_fake
-def _(X, y, H_post, H_res, phi, alpha, bias, iters, eps, path="auto"):
+def _(X, y, H_post, H_res, phi, alpha, bias, iters, eps, path="auto", form="paper"):
     _check_post(X, y, H_post, H_res)
-    return (X.new_empty(X.shape), *_pre_fake(X, phi, alpha, bias, iters, eps))
+    return (X.new_empty(X.shape), *_pre_fake(X, phi, alpha, bias, iters, eps, path, form))
 
 
 def _post_pre_setup_context(ctx, inputs, output):
-    X, y, H_post, H_res, phi, alpha, bias, iters, eps, path = inputs
+    X, y, H_post, H_res, phi, alpha, bias, iters, eps, path, form = inputs
     ctx.save_for_backward(X, y, H_post, H_res, phi, alpha, bias, output[0])
-    ctx.iters, ctx.eps, ctx.path = iters, eps, runtime.resolve_path(path, X)
+    ctx.iters, ctx.eps, ctx.path, ctx.form = iters, eps, runtime.resolve_path(path, X), form
 
 
 def _post_pre_backward(ctx, dX_next, dh, dH_pre, dH_post, dH_res):
     X, y, H_post, H_res, phi, alpha, bias, X_next = ctx.saved_tensors
     grads = _pre_grads(X_next, dh, dH_pre, dH_post, dH_res)
-    dXn, dphi, dalpha, dbias = torch.ops.mhc_fx.mhc_pre_backward(X_next, phi, alpha, bias, *grads, ctx.iters, ctx.eps, ctx.path)
+    dXn, dphi, dalpha, dbias = torch.ops.mhc_fx.mhc_pre_backward(
+        X_next, phi, alpha, bias, *grads, ctx.iters, ctx.eps, ctx.path, ctx.form
+    )
     if dX_next is not None:
         dXn = dXn + dX_next
     dX, dy, dH_post_in, dH_res_in = torch.ops.mhc_fx.post_res_backward(X, y, H_post, H_res, dXn, ctx.path)
-    return dX, dy, dH_post_in, dH_res_in, dphi, dalpha, dbias, None, None, None
+    return dX, dy, dH_post_in, dH_res_in, dphi, dalpha, dbias, None, None, None, None
 
 
 post_res_pre.register_autograd(_post_pre_backward, setup_context=_post_pre_setup_context)
@@ -318,17 +328,18 @@ post_res_pre.register_autograd(_post_pre_backward, setup_context=_post_pre_setup
 
 # ----------------------------------------------------------------------------- sinkhorn
 @torch.library.custom_op("mhc_fx::sinkhorn", mutates_args=())
-def sinkhorn(logits: Tensor, iters: int) -> Tensor:
-    """``H_res [..., n, n] = Sinkhorn(logits [..., n, n])`` (``iters`` log-domain steps), in the
+def sinkhorn(logits: Tensor, iters: int, form: str = "paper") -> Tensor:
+    """``H_res [..., n, n] = Sinkhorn(logits [..., n, n])`` (``iters`` steps of ``form``), in the
     logits' compute dtype, on CPU tensors: :func:`mhc_fx.kernels.cpu_path.sinkhorn` compiled by
     Inductor once per shape. The piece of the CPU path that the ``mhc`` backend keeps opaque
     when it traces the rest of the fused ops into a model's graph: one compiled ``scan``
     shared by every block, where tracing it would compile the iterations once per block."""
-    _check_logits(logits, iters)
-    return runtime.reference(cpu_path.sinkhorn, "compiled_reference")(logits, iters)
+    _check_logits(logits, iters, form)
+    return runtime.reference(cpu_path.sinkhorn, "compiled_reference")(logits, iters, form)
 
 
-def _check_logits(logits: Tensor, iters: int) -> None:
+def _check_logits(logits: Tensor, iters: int, form: str) -> None:
+    Form.from_spec(form)
     if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2] or logits.device.type != "cpu":
         raise ValueError(f"mhc_fx.sinkhorn: logits must be CPU [..., n, n], got {tuple(logits.shape)} on {logits.device}")
     if iters < 1:
@@ -336,33 +347,34 @@ def _check_logits(logits: Tensor, iters: int) -> None:
 
 
 @sinkhorn.register_fake
-def _(logits, iters):
-    _check_logits(logits, iters)
+def _(logits, iters, form="paper"):
+    _check_logits(logits, iters, form)
     return logits.new_empty(logits.shape, dtype=compute_dtype(logits.dtype))
 
 
 @torch.library.custom_op("mhc_fx::sinkhorn_backward", mutates_args=())
-def sinkhorn_backward(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
+def sinkhorn_backward(logits: Tensor, grad: Tensor, iters: int, form: str = "paper") -> Tensor:
     """``∂L/∂logits`` of :func:`sinkhorn` for ``grad = ∂L/∂H_res`` (both ``[..., n, n]``, in the
     compute dtype): :func:`mhc_fx.kernels.cpu_path.sinkhorn_backward`, compiled likewise."""
-    _check_logits(logits, iters)
-    return runtime.reference(cpu_path.sinkhorn_backward, "compiled_reference")(logits, grad, iters).contiguous()
+    _check_logits(logits, iters, form)
+    return runtime.reference(cpu_path.sinkhorn_backward, "compiled_reference")(logits, grad, iters, form).contiguous()
 
 
 @sinkhorn_backward.register_fake
-def _(logits, grad, iters):
-    _check_logits(logits, iters)
+def _(logits, grad, iters, form="paper"):
+    _check_logits(logits, iters, form)
     return grad.new_empty(grad.shape)
 
 
 def _sinkhorn_setup_context(ctx, inputs, output):
-    logits, ctx.iters = inputs
+    logits, ctx.iters, ctx.form = inputs
     ctx.save_for_backward(logits)
 
 
 def _sinkhorn_backward(ctx, grad):
     (logits,) = ctx.saved_tensors
-    return torch.ops.mhc_fx.sinkhorn_backward(logits, grad.to(compute_dtype(logits.dtype)), ctx.iters).to(logits.dtype), None
+    dlogits = torch.ops.mhc_fx.sinkhorn_backward(logits, grad.to(compute_dtype(logits.dtype)), ctx.iters, ctx.form)
+    return dlogits.to(logits.dtype), None, None
 
 
 sinkhorn.register_autograd(_sinkhorn_backward, setup_context=_sinkhorn_setup_context)

@@ -21,6 +21,7 @@ import triton.language as tl
 from . import runtime
 from .tiles import _coef_tile, _grid, _mix, _program_tokens, _store_stream_tile, _stream_tile, _token_tile
 from .cpu_path import gate_and_bias_grads
+from ..nn.functional import Form
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,13 +64,13 @@ def _sinkhorn_iterate(L, valid, steps):
 
 
 @triton.jit
-def _sinkhorn(logits, valid, iters):
+def _log_sinkhorn(logits, valid, iters):
     """``H_res [BT, RP, RP]`` (zeros in the padding) of ``logits [BT, RP, RP]``."""
     return tl.exp(_sinkhorn_iterate(_sinkhorn_start(logits, valid), valid, iters))
 
 
 @triton.jit
-def _sinkhorn_bwd(logits, G, valid, iters):
+def _log_sinkhorn_bwd(logits, G, valid, iters):
     """``∂L/∂logits`` for ``G = ∂L/∂H_res`` (both ``[BT, RP, RP]``)."""
     L0 = _sinkhorn_start(logits, valid)
     both = valid[:, None] & valid[None, :]
@@ -83,9 +84,111 @@ def _sinkhorn_bwd(logits, G, valid, iters):
 
 
 # ---------------------------------------------------------------------------------------------
+# Division forms (DeepSeek-V4's; DESIGN §2 "Forms", mhc_fx.nn.functional.Form), constants
+# DIVISION, SOFTMAX_START, COLUMN_PARITY (steps k with k % 2 == COLUMN_PARITY normalise columns),
+# TRANSPOSED and the runtime res_eps:
+#   M⁰ = softmax_rows(logits) + ε  (or exp(logits − max));  then 2·iters − SOFTMAX_START steps
+#   M ← M / (Σ_axis M + ε);  H_res = M (Mᵀ when TRANSPOSED)
+# Backward, for g = ∂L/∂M after a step M' = M / d:  g ← (g − Σ_axis g·M') / d, the iterates
+# recomputed from M⁰ for each step (as the log form's); the start: g ← P·(g − Σ_rows g·P) for
+# the softmax P, g·P for exp(logits − max).
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _divide_columns(M, valid, res_eps):
+    d = tl.where(valid[None, :], tl.sum(M, axis=1) + res_eps, 1.0)  # [BT, RP], per column
+    return M / d[:, None, :], d
+
+
+@triton.jit
+def _divide_rows(M, valid, res_eps):
+    d = tl.where(valid[None, :], tl.sum(M, axis=2) + res_eps, 1.0)  # [BT, RP], per row
+    return M / d[:, :, None], d
+
+
+@triton.jit
+def _division_start(logits, valid, res_eps, SOFTMAX_START: tl.constexpr):
+    """``(M⁰, P)``: the first iterate and the normalised exponentials it is made of."""
+    both = valid[:, None] & valid[None, :]
+    L = tl.where(both[None, :, :], logits, float("-inf"))
+    if SOFTMAX_START:
+        top = tl.where(valid[None, :], tl.max(L, axis=2), 0.0)
+        e = tl.exp(L - top[:, :, None])
+        P = e / tl.where(valid[None, :], tl.sum(e, axis=2), 1.0)[:, :, None]
+        M = tl.where(both[None, :, :], P + res_eps, 0.0)
+    else:
+        top = tl.max(tl.max(tl.where(both[None, :, :], logits, float("-inf")), axis=2), axis=1)
+        P = tl.exp(L - top[:, None, None])
+        M = P
+    return M, P
+
+
+@triton.jit
+def _division_steps(M, valid, res_eps, steps, COLUMN_PARITY: tl.constexpr):
+    for k in range(steps):
+        if k % 2 == COLUMN_PARITY:
+            M, _d = _divide_columns(M, valid, res_eps)
+        else:
+            M, _d = _divide_rows(M, valid, res_eps)
+    return M
+
+
+@triton.jit
+def _division_bwd(logits, g, valid, res_eps, steps, SOFTMAX_START: tl.constexpr, COLUMN_PARITY: tl.constexpr):
+    M0, P = _division_start(logits, valid, res_eps, SOFTMAX_START)
+    for j in range(steps):
+        k = steps - 1 - j
+        M = _division_steps(M0, valid, res_eps, k, COLUMN_PARITY)
+        if k % 2 == COLUMN_PARITY:
+            out, d = _divide_columns(M, valid, res_eps)
+            g = (g - tl.sum(g * out, axis=1)[:, None, :]) / d[:, None, :]
+        else:
+            out, d = _divide_rows(M, valid, res_eps)
+            g = (g - tl.sum(g * out, axis=2)[:, :, None]) / d[:, :, None]
+    if SOFTMAX_START:
+        g = P * (g - tl.sum(g * P, axis=2)[:, :, None])
+    else:
+        g = g * P
+    return g
+
+
+@triton.jit
+def _sinkhorn(
+    logits, valid, iters, res_eps,
+    DIVISION: tl.constexpr, SOFTMAX_START: tl.constexpr, COLUMN_PARITY: tl.constexpr, TRANSPOSED: tl.constexpr,
+):
+    """``H_res [BT, RP, RP]`` of the form (zeros in the padding)."""
+    if DIVISION:
+        M, _P = _division_start(logits, valid, res_eps, SOFTMAX_START)
+        H = _division_steps(M, valid, res_eps, 2 * iters - SOFTMAX_START, COLUMN_PARITY)
+    else:
+        H = _log_sinkhorn(logits, valid, iters)
+    if TRANSPOSED:
+        H = tl.permute(H, (0, 2, 1))
+    return H
+
+
+@triton.jit
+def _sinkhorn_bwd(
+    logits, G, valid, iters, res_eps,
+    DIVISION: tl.constexpr, SOFTMAX_START: tl.constexpr, COLUMN_PARITY: tl.constexpr, TRANSPOSED: tl.constexpr,
+):
+    """``∂L/∂logits`` for ``G = ∂L/∂H_res`` (both ``[BT, RP, RP]``) in the form."""
+    if TRANSPOSED:
+        G = tl.permute(G, (0, 2, 1))
+    if DIVISION:
+        both = valid[:, None] & valid[None, :]
+        g = _division_bwd(logits, tl.where(both[None, :, :], G, 0.0), valid, res_eps, 2 * iters - SOFTMAX_START,
+                          SOFTMAX_START, COLUMN_PARITY)
+        g = tl.where(both[None, :, :], g, 0.0)
+    else:
+        g = _log_sinkhorn_bwd(logits, G, valid, iters)
+    return g
+
+
+# ---------------------------------------------------------------------------------------------
 # Coefficients of one token (mHC Eq. 7–8, RMSNorm after the matmul):
 #   r = sqrt(Σ v² / nC + eps),  raw = v·φ,  hn = raw / r,  h̃ = α_group · hn + b
-#   H_pre = σ(h̃_pre),  H_post = 2σ(h̃_post),  H_res = Sinkhorn(h̃_res)
+#   H_pre = σ(h̃_pre) + pre_eps,  H_post = 2σ(h̃_post),  H_res = Sinkhorn(h̃_res) (in the form)
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _narrow(v, BT: tl.constexpr, W: tl.constexpr, NP: tl.constexpr):
@@ -147,7 +250,7 @@ def _project(
 
 @triton.jit
 def _coefficients(
-    sumsq, raw_pre, raw_post, raw_res, ALPHA, BIAS, C, eps,
+    sumsq, raw_pre, raw_post, raw_res, ALPHA, BIAS, C, eps, pre_eps,
     N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr,
 ):
     """``r [BT]``, normalised projections ``hn_pre/hn_post [BT, NP]``, ``hn_res [BT, RP, RP]``,
@@ -163,7 +266,7 @@ def _coefficients(
     b_pre = tl.load(BIAS + i, mask=im, other=0.0)
     b_post = tl.load(BIAS + N + i, mask=im, other=0.0)
     b_res = tl.load(BIAS + 2 * N + ri[:, None] * N + ri[None, :], mask=rim[:, None] & rim[None, :], other=0.0)
-    H_pre = tl.where(im[None, :], tl.sigmoid(tl.load(ALPHA) * hn_pre + b_pre[None, :]), 0.0)
+    H_pre = tl.where(im[None, :], tl.sigmoid(tl.load(ALPHA) * hn_pre + b_pre[None, :]) + pre_eps, 0.0)
     H_post = tl.where(im[None, :], 2.0 * tl.sigmoid(tl.load(ALPHA + 1) * hn_post + b_post[None, :]), 0.0)
     logits = tl.load(ALPHA + 2) * hn_res + b_res[None, :, :]
     return r, hn_pre, hn_post, hn_res, H_pre, H_post, logits
@@ -195,8 +298,9 @@ def _pre_mix_pass(X, H, H_pre, t, tm, i, im, C, N: tl.constexpr, BC: tl.constexp
 
 @triton.jit
 def _finish_pre(
-    X, H, HPRE, HPOST, HRES, ALPHA, BIAS, sumsq, raw_pre, raw_post, raw_res, t, tm, C, eps, iters,
+    X, H, HPRE, HPOST, HRES, ALPHA, BIAS, sumsq, raw_pre, raw_post, raw_res, t, tm, C, eps, iters, pre_eps, res_eps,
     N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    DIVISION: tl.constexpr, SOFTMAX_START: tl.constexpr, COLUMN_PARITY: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
     """Epilogue of both pre forwards: coefficients, Sinkhorn, stores, then ``h = H_pre·X``."""
     i = tl.arange(0, NP)
@@ -204,9 +308,9 @@ def _finish_pre(
     ri = tl.arange(0, RP)
     rim = ri < N
     _r, _a, _b, _c, H_pre, H_post, logits = _coefficients(
-        sumsq, raw_pre, raw_post, raw_res, ALPHA, BIAS, C, eps, N, NP, W, RP, BT
+        sumsq, raw_pre, raw_post, raw_res, ALPHA, BIAS, C, eps, pre_eps, N, NP, W, RP, BT
     )
-    H_res = _sinkhorn(logits, rim, iters)
+    H_res = _sinkhorn(logits, rim, iters, res_eps, DIVISION, SOFTMAX_START, COLUMN_PARITY, TRANSPOSED)
     _store_pair(HPRE, H_pre, t, tm, i, im, N, N, 0)
     _store_pair(HPOST, H_post, t, tm, i, im, N, N, 0)
     _store_square(HRES, H_res, t, tm, ri, rim, N, N * N, 0)
@@ -215,9 +319,9 @@ def _finish_pre(
 
 @triton.jit
 def _pre_fwd(
-    X, PHI, ALPHA, BIAS, H, HPRE, HPOST, HRES, T, C, eps, iters,
+    X, PHI, ALPHA, BIAS, H, HPRE, HPOST, HRES, T, C, eps, iters, pre_eps, res_eps,
     N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, RP: tl.constexpr, K: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr, DIVISION: tl.constexpr, SOFTMAX_START: tl.constexpr, COLUMN_PARITY: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
     acc_t = PHI.dtype.element_ty
     t, tm, i, im = _program_tokens(tl.program_id(0), T, N, NP, BT)
@@ -229,7 +333,7 @@ def _pre_fwd(
             x, PHI, c0, C, sumsq, raw_pre, raw_post, raw_res, N, NP, W, RP, K, BT, BC, PREC
         )
     _finish_pre(X, H, HPRE, HPOST, HRES, ALPHA, BIAS, sumsq, raw_pre, raw_post, raw_res, t, tm, C, eps, iters,
-                N, NP, W, RP, BT, BC)
+                pre_eps, res_eps, N, NP, W, RP, BT, BC, DIVISION, SOFTMAX_START, COLUMN_PARITY, TRANSPOSED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,9 +343,9 @@ def _pre_fwd(
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _post_res_pre_fwd(
-    X, Y, HPOST_IN, HRES_IN, PHI, ALPHA, BIAS, XN, H, HPRE, HPOST, HRES, T, C, eps, iters,
+    X, Y, HPOST_IN, HRES_IN, PHI, ALPHA, BIAS, XN, H, HPRE, HPOST, HRES, T, C, eps, iters, pre_eps, res_eps,
     N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, RP: tl.constexpr, K: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr, DIVISION: tl.constexpr, SOFTMAX_START: tl.constexpr, COLUMN_PARITY: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
     acc_t = PHI.dtype.element_ty
     t, tm, i, im = _program_tokens(tl.program_id(0), T, N, NP, BT)
@@ -259,7 +363,7 @@ def _post_res_pre_fwd(
         )
     tl.debug_barrier()  # X_next was written by other threads of this program; h reads it back
     _finish_pre(XN, H, HPRE, HPOST, HRES, ALPHA, BIAS, sumsq, raw_pre, raw_post, raw_res, t, tm, C, eps, iters,
-                N, NP, W, RP, BT, BC)
+                pre_eps, res_eps, N, NP, W, RP, BT, BC, DIVISION, SOFTMAX_START, COLUMN_PARITY, TRANSPOSED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,9 +377,9 @@ def _post_res_pre_fwd(
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _pre_bwd(
-    X, PHI, ALPHA, BIAS, DH, DHPRE, DHPOST, DHRES, DX, DHT, HN, DRAW, T, C, eps, iters,
+    X, PHI, ALPHA, BIAS, DH, DHPRE, DHPOST, DHRES, DX, DHT, HN, DRAW, T, C, eps, iters, pre_eps, res_eps,
     N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, RP: tl.constexpr, K: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr, DIVISION: tl.constexpr, SOFTMAX_START: tl.constexpr, COLUMN_PARITY: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
     acc_t = PHI.dtype.element_ty
     t, tm, i, im = _program_tokens(tl.program_id(0), T, N, NP, BT)
@@ -293,16 +397,17 @@ def _pre_bwd(
             x, PHI, c0, C, sumsq, raw_pre, raw_post, raw_res, N, NP, W, RP, K, BT, BC, PREC
         )
     r, hn_pre, hn_post, hn_res, H_pre, H_post, logits = _coefficients(
-        sumsq, raw_pre, raw_post, raw_res, ALPHA, BIAS, C, eps, N, NP, W, RP, BT
+        sumsq, raw_pre, raw_post, raw_res, ALPHA, BIAS, C, eps, pre_eps, N, NP, W, RP, BT
     )
     d_pre = _coef_tile(DHPRE, t, tm, i, im, N) + x_dh
-    d_pre = tl.where(im[None, :], d_pre * H_pre * (1.0 - H_pre), 0.0)
+    gate = H_pre - pre_eps  # σ(h̃_pre)
+    d_pre = tl.where(im[None, :], d_pre * gate * (1.0 - gate), 0.0)
     half = H_post * 0.5
     d_post = _coef_tile(DHPOST, t, tm, i, im, N) * 2.0 * half * (1.0 - half)
     d_post = tl.where(im[None, :], d_post, 0.0)
     square = tm[:, None, None] & rim[None, :, None] & rim[None, None, :]
     g_res = tl.load(DHRES + t[:, None, None] * (N * N) + ri[None, :, None] * N + ri[None, None, :], mask=square, other=0.0)
-    d_res = _sinkhorn_bwd(logits, g_res, rim, iters)
+    d_res = _sinkhorn_bwd(logits, g_res, rim, iters, res_eps, DIVISION, SOFTMAX_START, COLUMN_PARITY, TRANSPOSED)
     a_pre, a_post, a_res = tl.load(ALPHA), tl.load(ALPHA + 1), tl.load(ALPHA + 2)
     _store_pair(DHT, d_pre, t, tm, i, im, N, K, 0)
     _store_pair(DHT, d_post, t, tm, i, im, N, K, N)
@@ -375,15 +480,16 @@ def _coefficient_outputs(X: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tenso
 
 
 def mhc_pre_fwd(
-    X: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, iters: int, eps: float
+    X: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, iters: int, eps: float, form: Form,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(h [T, C], H_pre [T, n], H_post [T, n], H_res [T, n, n])`` of a contiguous ``X [T, n, C]``;
-    ``phi``, ``alpha``, ``bias`` contiguous in the compute dtype."""
+    """``(h [T, C], H_pre [T, n], H_post [T, n], H_res [T, n, n])`` of a contiguous ``X [T, n, C]``
+    in ``form``; ``phi``, ``alpha``, ``bias`` contiguous in the compute dtype."""
     T = X.shape[0]
     outs = _coefficient_outputs(X, phi.dtype)
     if T:
         _pre_fwd[_grid(T)](
-            X, phi, alpha, bias, *outs, T, X.shape[2], eps, iters, **runtime.launch_for("pre_fwd", X).kwargs()
+            X, phi, alpha, bias, *outs, T, X.shape[2], eps, iters, form.pre_eps, form.res_eps,
+            **runtime.launch_for("pre_fwd", X, form).kwargs(),
         )
         runtime.count("mhc_pre_fwd")
     return outs
@@ -391,16 +497,17 @@ def mhc_pre_fwd(
 
 def post_res_pre_fwd(
     X: torch.Tensor, y: torch.Tensor, H_post: torch.Tensor, H_res: torch.Tensor,
-    phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, iters: int, eps: float,
+    phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, iters: int, eps: float, form: Form,
 ) -> tuple[torch.Tensor, ...]:
-    """``(X_next [T, n, C], h, H_pre, H_post, H_res)``: post_res of one block and pre of the next."""
+    """``(X_next [T, n, C], h, H_pre, H_post, H_res)``: post_res of one block and pre of the next
+    (in ``form``)."""
     T = X.shape[0]
     X_next = runtime.new_output(X.shape, X.dtype, X.device)
     outs = _coefficient_outputs(X, phi.dtype)
     if T:
         _post_res_pre_fwd[_grid(T)](
-            X, y, H_post, H_res, phi, alpha, bias, X_next, *outs, T, X.shape[2], eps, iters,
-            **runtime.launch_for("post_res_pre_fwd", X).kwargs(),
+            X, y, H_post, H_res, phi, alpha, bias, X_next, *outs, T, X.shape[2], eps, iters, form.pre_eps, form.res_eps,
+            **runtime.launch_for("post_res_pre_fwd", X, form).kwargs(),
         )
         runtime.count("post_res_pre_fwd")
     return (X_next, *outs)
@@ -409,8 +516,10 @@ def post_res_pre_fwd(
 def mhc_pre_bwd(
     X: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor,
     dh: torch.Tensor, dH_pre: torch.Tensor, dH_post: torch.Tensor, dH_res: torch.Tensor, iters: int, eps: float,
+    form: Form,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dX [T, n, C], dφ [nC, K], dα [3], db [K])`` in X's / the compute dtype."""
+    """``(dX [T, n, C], dφ [nC, K], dα [3], db [K])`` in X's / the compute dtype (``form``'s
+    gradient)."""
     T, n, C = X.shape
     K, acc, dev = n * n + 2 * n, phi.dtype, X.device
     dX = runtime.new_output(X.shape, X.dtype, dev)
@@ -418,7 +527,7 @@ def mhc_pre_bwd(
     if T:
         _pre_bwd[_grid(T)](
             X, phi, alpha, bias, dh, dH_pre, dH_post, dH_res, dX, dht, hn, draw, T, C, eps, iters,
-            **runtime.launch_for("pre_bwd", X).kwargs(),
+            form.pre_eps, form.res_eps, **runtime.launch_for("pre_bwd", X, form).kwargs(),
         )
         runtime.count("mhc_pre_bwd")
     return (dX, _phi_grad(X, draw), *gate_and_bias_grads(dht, hn, n))

@@ -22,6 +22,8 @@ from typing import Callable, Iterator, NamedTuple
 
 import torch
 
+from ..nn.functional import PAPER, Form
+
 #: Kernel name → number of launches in this process (tests and benchmarks read it).
 launches: collections.Counter[str] = collections.Counter()
 
@@ -246,16 +248,27 @@ def device_target(device: torch.device) -> Target | None:
     return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _pre_tiles(n: int, bc: int, dtype: torch.dtype) -> dict[str, object]:
+def form_constants(form: Form) -> dict[str, object]:
+    """The ``tl.constexpr`` arguments that say which Sinkhorn ``form`` computes (its epsilons are
+    runtime arguments): ``DIVISION`` (the division iteration of a form with epsilons or another
+    order, else the paper's log domain), ``SOFTMAX_START``, ``COLUMN_PARITY`` (division steps
+    ``k`` with ``k % 2 == COLUMN_PARITY`` normalise columns) and ``TRANSPOSED``."""
+    division = form.softmax_start or bool(form.res_eps) or not form.columns_first
+    first_columns = form.softmax_start or form.columns_first  # the softmax was the first rows step
+    return {"DIVISION": division, "SOFTMAX_START": form.softmax_start, "COLUMN_PARITY": 0 if first_columns else 1,
+            "TRANSPOSED": form.transposed}
+
+
+def _pre_tiles(n: int, bc: int, dtype: torch.dtype, form: Form) -> dict[str, object]:
     return {"N": n, "NP": stream_tile(n), "W": COEF_WIDTH, "RP": res_tile(n), "K": n * n + 2 * n, "BT": BLOCK_T,
-            "BC": bc, "PREC": compute_precision(dtype)}
+            "BC": bc, "PREC": compute_precision(dtype), **form_constants(form)}
 
 
-def _tiles(kernel: str, n: int, channels: int, dtype: torch.dtype, budget: int, floor: int) -> dict[str, object]:
+def _tiles(kernel: str, n: int, channels: int, dtype: torch.dtype, budget: int, floor: int, form: Form) -> dict[str, object]:
     """The ``tl.constexpr`` arguments of ``kernel`` (channel steps: :func:`channel_block`)."""
     bc = channel_block(n, channels, budget, floor)
     if kernel in ("pre_fwd", "post_res_pre_fwd", "pre_bwd"):
-        return _pre_tiles(n, bc, dtype)
+        return _pre_tiles(n, bc, dtype, form)
     if kernel == "pre_bwd_phi":
         K = n * n + 2 * n
         return {"K": K, "KP": max(16, pow2(K)), "BK": 64, "BT": BLOCK_T, "PREC": compute_precision(dtype)}
@@ -283,20 +296,23 @@ _GPU_TUNING = {
 _GPU_MIN_CHANNELS = 16
 
 
-def launch_config(kernel: str, n: int, channels: int, dtype: torch.dtype, target: Target | None) -> Launch:
+def launch_config(
+    kernel: str, n: int, channels: int, dtype: torch.dtype, target: Target | None, form: Form = PAPER
+) -> Launch:
     """Tiles, warps and stages of ``kernel`` (a name of :data:`KERNELS`) for ``X [T, n, C]`` of
-    ``dtype`` on ``target`` (``None``: the interpreter, which ignores warps and stages).
+    ``dtype`` on ``target`` (``None``: the interpreter, which ignores warps and stages), for the
+    pre-side kernels in ``form`` (:func:`form_constants`).
 
     Every target gets the same configuration (it fits 99 KiB of shared memory); ``target`` is
     the hook for one that needs its own."""
     if target is None:
-        return Launch(tuple(_tiles(kernel, n, channels, dtype, 256, 1).items()))
+        return Launch(tuple(_tiles(kernel, n, channels, dtype, 256, 1, form).items()))
     budget, warps, fp32_warps, stages = _GPU_TUNING[kernel]
     warps = fp32_warps if dtype == torch.float32 else warps
-    return Launch(tuple(_tiles(kernel, n, channels, dtype, budget, _GPU_MIN_CHANNELS).items()), warps, stages)
+    return Launch(tuple(_tiles(kernel, n, channels, dtype, budget, _GPU_MIN_CHANNELS, form).items()), warps, stages)
 
 
-def launch_for(kernel: str, X: torch.Tensor) -> Launch:
+def launch_for(kernel: str, X: torch.Tensor, form: Form = PAPER) -> Launch:
     """:func:`launch_config` of ``kernel`` for the stream ``X [T, n, C]`` on its device."""
     _, n, C = X.shape
-    return launch_config(kernel, n, C, X.dtype, device_target(X.device))
+    return launch_config(kernel, n, C, X.dtype, device_target(X.device), form)

@@ -18,6 +18,7 @@ A residual block ``x_{l+1} = x_l + F(x_l)`` becomes::
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from typing import Callable
 
@@ -76,6 +77,43 @@ class Form:
     def __post_init__(self) -> None:
         if self.softmax_start and self.columns_first:
             raise ValueError(f"mHC form {self.name!r}: softmax_start is the first rows step, so columns_first must be False")
+        if self.res_eps and not self.softmax_start:
+            raise ValueError(
+                f"mHC form {self.name!r}: res_eps needs softmax_start (after an exp(logits − max) start, the shift "
+                "would change the function through the epsilons)"
+            )
+
+    @property
+    def spec(self) -> str:
+        """The form as one string (the ``form`` argument of the fused ops): a registered form's
+        name, else its fields (``name='…';pre_eps=…;…``, read back by :meth:`from_spec`)."""
+        if FORMS.get(self.name) == self:
+            return self.name
+        return ";".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+
+    @classmethod
+    def from_spec(cls, spec: str) -> "Form":
+        """The form :attr:`spec` describes.
+
+        Raises:
+            ValueError: for a string that names no registered form and lists no valid fields.
+        """
+        if spec in FORMS:
+            return FORMS[spec]
+        if spec not in _PARSED_SPECS:  # parsed once, eagerly (the ops check their form before compiled code reads it)
+            try:
+                fields = dict(item.split("=", 1) for item in spec.split(";"))
+                _PARSED_SPECS[spec] = cls(**{key: ast.literal_eval(value) for key, value in fields.items()})
+            except (ValueError, TypeError, SyntaxError) as error:
+                raise ValueError(f"mHC form {spec!r}: not one of {sorted(FORMS)} nor a Form.spec ({error})") from None
+        return _PARSED_SPECS[spec]
+
+    def sinkhorn_axes(self, iters: int) -> list[int]:
+        """The axes of the division steps that follow the start (-2 columns, -1 rows): ``iters``
+        pairs in the form's order, less the first rows step where the softmax start is it."""
+        pair = (-2, -1) if self.columns_first else (-1, -2)
+        axes = [axis for _ in range(iters) for axis in pair]
+        return axes[1:] if self.softmax_start else axes
 
 
 #: The paper's form (DeepSeek-AI, arXiv 2512.24880): Sinkhorn from ``exp(logits − max)``, columns
@@ -87,6 +125,8 @@ PAPER = Form("paper")
 DEEPSEEK_V4 = Form("deepseek_v4", pre_eps=1e-6, softmax_start=True, res_eps=1e-6, columns_first=False, transposed=True)
 #: The forms by name.
 FORMS = {form.name: form for form in (PAPER, DEEPSEEK_V4)}
+#: Forms read from their :attr:`Form.spec` so far.
+_PARSED_SPECS: dict[str, Form] = {}
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, form: Form = PAPER) -> torch.Tensor:
@@ -130,14 +170,11 @@ def _sinkhorn_with_eps(logits: torch.Tensor, iters: int, form: Form) -> torch.Te
     axes, ``2·iters`` normalisations in all. With ``softmax_start`` every entry stays ≥
     ``res_eps / (n + 1)``-ish, so no sum is 0 at any logit spread (finite, as the paper form's
     log domain is)."""
-    axes = (-2, -1) if form.columns_first else (-1, -2)  # (first, second) normalisation of each pair
-    steps = [axis for _ in range(iters) for axis in axes]
     if form.softmax_start:
         m = torch.softmax(logits, dim=-1) + form.res_eps
-        steps = steps[1:]  # the softmax was the first rows normalisation
     else:
         m = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
-    for axis in steps:
+    for axis in form.sinkhorn_axes(iters):
         m = m / (m.sum(dim=axis, keepdim=True) + form.res_eps)
     return m
 
