@@ -144,21 +144,30 @@ class Draws:
         return self._drawn[key].clone()
 
 
+def probes(literals: list[float]) -> dict[float, float]:
+    """A value for each small float literal of a region (its epsilons), far enough from 0 and
+    from each other that where each one enters shows in the region's values: a check at these
+    values proves the constants' placement, which at ``1e-6`` hides under float rounding."""
+    return {value: 0.05 * (i + 1) for i, value in enumerate(sorted(set(literals)))}
+
+
 def evaluate(
     gm: fx.GraphModule, nodes: list[fx.Node], env: dict[fx.Node, object], tokens: TokenSlice,
-    modes: dict[fx.Node, bool] | None = None,
+    modes: dict[fx.Node, bool] | None = None, literals: dict[float, float] | None = None,
 ) -> dict[fx.Node, object]:
     """Run ``nodes`` (in graph order) eagerly on the values in ``env`` with shapes cut by
-    ``tokens``; with ``modes``, each node in its grad mode (else without autograd)."""
+    ``tokens``; with ``modes``, each node in its grad mode (else without autograd); with
+    ``literals``, each float argument that is a key replaced by its value (:func:`probes`)."""
     env = dict(env)
+    swap = (lambda a: literals.get(a, a) if isinstance(a, float) else a) if literals else (lambda a: a)
     for node in nodes:
         if node in env:
             continue
         if node.op == "get_attr":
             env[node] = getattr(gm, node.target)
             continue
-        args = tokens.args(node, map_arg(node.args, lambda n: env[n]))
-        kwargs = map_arg(node.kwargs, lambda n: env[n])
+        args = tuple(swap(a) for a in tokens.args(node, map_arg(node.args, lambda n: env[n])))
+        kwargs = {k: swap(v) for k, v in map_arg(node.kwargs, lambda n: env[n]).items()}
         with torch.set_grad_enabled(bool(modes and modes.get(node, False))):
             env[node] = node.target(*args, **kwargs)
     return env

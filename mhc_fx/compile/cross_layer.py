@@ -39,10 +39,10 @@ def merge_cross_layer(graph: fx.Graph, pre_ops: list[fx.Node]) -> dict[fx.Node, 
         if producer.target is not torch.ops.mhc_fx.post_res.default:
             continue
         X, y, H_post, H_res, path = producer.args
-        _, phi, alpha, bias, iters, eps, _ = op.args
+        _, phi, alpha, bias, iters, eps, _, form = op.args
         for arg in (phi, alpha, bias):
             _hoist(arg, producer)
-        args = (X, y, H_post, H_res, phi, alpha, bias, iters, eps, path)
+        args = (X, y, H_post, H_res, phi, alpha, bias, iters, eps, path, form)
         outs = insert_op(graph, producer, torch.ops.mhc_fx.post_res_pre.default, args, 5)
         for user in list(op.users):
             user.replace_all_uses_with(outs[1 + user.args[1]])

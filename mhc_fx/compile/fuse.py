@@ -104,7 +104,7 @@ def _fuse(gm: fx.GraphModule, cross_layer: bool, enabled: bool, cpu_path: str) -
         with graph.inserting_before(first):
             params = build_params(graph, match)
         path = runtime.pinned_path(tensor_meta(match.X).device, cpu_path)
-        args = (match.X, *params, match.iters, match.eps, path)
+        args = (match.X, *params, match.iters, match.eps, path, match.form.spec)
         outs = insert_op(graph, first, torch.ops.mhc_fx.mhc_pre.default, args, 4)
         _settle(outs, order(first) - 0.5)
         for i, nodes in match.outputs.items():
@@ -126,7 +126,10 @@ def _fuse(gm: fx.GraphModule, cross_layer: bool, enabled: bool, cpu_path: str) -
             report.unfused.append(Unfused("post_res", match.owner, post))
             continue
         with graph.inserting_before(post.X_next):
-            new = graph.call_function(torch.ops.mhc_fx.post_res.default, (X, post.y, H_post, H_res, op.args[-1]))
+            if post.transposed:  # the graph mixes with H_resᵀ (DeepSeek-V4 consumes its comb so)
+                H_res = graph.call_function(torch.ops.aten.transpose.int, (H_res, -2, -1))
+                _settle([H_res], order(post.X_next) - 0.75)
+            new = graph.call_function(torch.ops.mhc_fx.post_res.default, (X, post.y, H_post, H_res, op.args[6]))
         post.X_next.replace_all_uses_with(new)
         new.meta.update(val=post.X_next.meta["val"], _order=order(post.X_next) - 0.5)
         modes[new] = modes[post.X_next]

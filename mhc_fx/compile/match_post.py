@@ -1,4 +1,6 @@
-"""Match the mixing ``X_next = H_res·X + H_postᵀ·y`` of a fused pre side.
+"""Match the mixing ``X_next = H_res·X + H_postᵀ·y`` of a fused pre side (or
+``H_resᵀ·X + H_postᵀ·y``: DeepSeek-V4 mixes with the transpose of its Sinkhorn result, and
+``post_res`` then reads ``H_res`` transposed).
 
 The candidate is the nearest node below ``H_res`` and ``H_post`` with the stream's shape that
 is computed from ``X`` (or an equal view of the same tensor), ``H_post``, ``H_res`` and one
@@ -25,10 +27,12 @@ MIX_DEPTH = 8
 
 @dataclasses.dataclass
 class PostMatch:
-    """``X_next`` (the node ``post_res`` replaces) and the branch output ``y`` it mixes in."""
+    """``X_next`` (the node ``post_res`` replaces), the branch output ``y`` it mixes in, and
+    whether it mixes with ``H_resᵀ``."""
 
     X_next: fx.Node
     y: fx.Node
+    transposed: bool = False
 
 
 def _closure(target: fx.Node, sources: set[fx.Node]) -> list[fx.Node] | None:
@@ -49,6 +53,12 @@ def _closure(target: fx.Node, sources: set[fx.Node]) -> list[fx.Node] | None:
         if not frontier:
             return sorted(seen, key=order)
     return None
+
+
+def _mix(values: list[torch.Tensor], transposed: bool) -> torch.Tensor:
+    """``post_res_mix(X, y, H_post, H_res)``, with ``H_resᵀ`` when ``transposed``."""
+    X, y, H_post, H_res = values
+    return Fn.post_res_mix(X, y, H_post, H_res.transpose(-2, -1) if transposed else H_res)
 
 
 def _copies(X: fx.Node) -> list[fx.Node]:
@@ -94,15 +104,17 @@ def match_post(
             except RuntimeError:
                 continue
             exact = [values[u].to(torch.float64).cpu() for u in sources]
-            if check.rel_err(value, Fn.post_res_mix(*exact)) > check.tolerance(dtype):
+            orientations = [t for t in (False, True) if check.rel_err(value, _mix(exact, t)) <= check.tolerance(dtype)]
+            if not orientations:
                 continue
+            transposed = orientations[0]
             stop = check.stop_gradient(nodes, [], modes)
             if stop is None and any(modes[u] for u in nodes):
                 names = dict(zip(sources, ("the stream X", f"the branch output {y.name}", "H_post", "H_res")))
                 stop = check.vjp_mismatch(
-                    gm, nodes, values, [(target, 0)], lambda v: [Fn.post_res_mix(*v)], tokens, modes, names, sizes, copies
+                    gm, nodes, values, [(target, 0)], lambda v: [_mix(v, transposed)], tokens, modes, names, sizes, copies
                 )
             if stop is None:
-                return PostMatch(target, y)
+                return PostMatch(target, y, transposed)
             reason = f"the mixing at {target.name}: {stop}"
     return reason

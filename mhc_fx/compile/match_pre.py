@@ -7,11 +7,13 @@ which ``(X, φ, α, b, iters, eps)``.
    around it (RMS statistics, projection, gates, sigmoids, Sinkhorn, ``H_pre·X``), searched in
    a window of the graph around the chain.
 2. **Numbers decide** (:mod:`mhc_fx.compile.check`), on a few tokens: the region's values at two
-   scales of ``X`` (one where the RMS ``eps`` matters) against
-   :func:`mhc_fx.nn.functional.mhc_coefficients` / ``pre_mix`` for each way the parameters can
-   map onto ``(φ, α, b)``; then its vector-Jacobian products against the reference's, after a
-   structural look for stop-gradients, so the fused op is the region's function in forward
-   **and** backward.
+   scales of ``X`` (one where the RMS ``eps`` matters), and once more with its small float
+   literals moved to :func:`~mhc_fx.compile.check.probes` (so an epsilon's placement shows),
+   against :func:`mhc_fx.nn.functional.mhc_coefficients` / ``pre_mix`` in the chain's
+   :class:`~mhc_fx.nn.functional.Form` for each way the parameters can map onto ``(φ, α, b)``
+   and each literal the RMS ``eps`` and ``H_pre``'s epsilon can be; then its vector-Jacobian
+   products against the reference's, after a structural look for stop-gradients, so the fused
+   op is the region's function in forward **and** backward.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ PARAMETER_DEPTH = 16
 
 @dataclasses.dataclass
 class PreMatch:
-    """A verified mHC pre side: ``mhc_pre(X, φ, α, b, iters, eps)`` computes ``outputs``
-    (``{index of the op's output: nodes equal to it}``)."""
+    """A verified mHC pre side: ``mhc_pre(X, φ, α, b, iters, eps, form=form.spec)`` computes
+    ``outputs`` (``{index of the op's output: nodes equal to it}``)."""
 
     X: fx.Node
     phi: tuple  # how to build φ [nC, K]: (leaf, transposed)
@@ -57,6 +59,7 @@ class PreMatch:
     eps: float
     outputs: dict[int, list[fx.Node]]
     owner: str
+    form: Fn.Form = Fn.PAPER
 
 
 def _stream_of(operand: fx.Node, n: int) -> fx.Node | None:
@@ -184,9 +187,9 @@ def _op_parameters(phi: tuple, alpha: tuple, bias: fx.Node | None, values: dict[
     return p, a, b
 
 
-def _eps_candidates(region: list[fx.Node]) -> list[float]:
-    found = [a for n in region for a in n.args if isinstance(a, float) and 0 < a < 1e-2]
-    return sorted(set(found)) or [0.0]
+def _literals(region: list[fx.Node]) -> list[float]:
+    """The region's small float literals: what its epsilons can be."""
+    return sorted({a for n in region for a in n.args if isinstance(a, float) and 0 < a < 1e-2})
 
 
 def _check_values(leaves: list[fx.Node], n: int, C: int, draws: check.Draws) -> dict[fx.Node, torch.Tensor]:
@@ -221,21 +224,23 @@ def match_pre(gm: fx.GraphModule, chain: SinkhornChain, modes: dict[fx.Node, boo
         return Unfused("pre", who, maps)
     params = _check_values(leaves, n, C, draws)
     tokens = check.TokenSlice.of(shape(X))
-    runs = _forward_runs(gm, nodes, X, params, sizes, tokens, draws)
+    literals = _literals(nodes)
+    runs = _forward_runs(gm, nodes, X, params, sizes, tokens, draws, literals)
     if runs is None and math.prod(tokens.lead) <= 64:  # a graph whose shapes do not cut: small anyway
         tokens = check.TokenSlice(tokens.lead, tokens.lead)
-        runs = _forward_runs(gm, nodes, X, params, sizes, tokens, draws)
+        runs = _forward_runs(gm, nodes, X, params, sizes, tokens, draws, literals)
     if runs is None:
         return Unfused("pre", who, f"its shapes do not follow the token dims {list(tokens.lead)}, so it cannot be checked on a few tokens")
     best = None
     dtype = tensor_meta(X).dtype
-    exact = [{k: v.to(torch.float64).cpu() for k, v in env.items() if k is X or k in params} for env in runs]
-    for (phi, alpha, bias), eps in itertools.product(maps, _eps_candidates(nodes)):
+    exact = [{k: v.to(torch.float64).cpu() for k, v in env.items() if k is X or k in params} for env, _ in runs]
+    for (phi, alpha, bias), eps, pre_eps in itertools.product(maps, literals or [0.0], [0.0, *literals]):
+        form = dataclasses.replace(chain.form, pre_eps=pre_eps)
         candidates = [u for u in nodes if u not in interior]
-        outputs = _matching_outputs(candidates, runs, exact, X, (phi, alpha, bias), chain.iters, eps, dtype)
+        outputs = _matching_outputs(candidates, runs, exact, X, (phi, alpha, bias), chain.iters, eps, form, dtype)
         if 3 in outputs and 2 in outputs and (0 in outputs or 1 in outputs):
             if best is None or len(outputs) > len(best.outputs):
-                best = PreMatch(X, phi, alpha, bias, chain.iters, eps, outputs, who)
+                best = PreMatch(X, phi, alpha, bias, chain.iters, eps, outputs, who, form)
             if len(outputs) == 4:  # nothing can match more
                 break
     if best is None:
@@ -243,35 +248,41 @@ def match_pre(gm: fx.GraphModule, chain: SinkhornChain, modes: dict[fx.Node, boo
     replaced = [node for ns in best.outputs.values() for node in ns]
     reason = check.stop_gradient(nodes, replaced, modes)
     if reason is None and any(modes[u] for u in nodes):
-        reason = _backward_mismatch(gm, nodes, best, params, runs[0][X], sizes, tokens, modes, n)
+        reason = _backward_mismatch(gm, nodes, best, params, runs[0][0][X], sizes, tokens, modes, n)
     return best if reason is None else Unfused("pre", who, reason)
 
 
-def _forward_runs(gm, nodes, X, params, sizes, tokens, draws) -> list[dict] | None:
-    """The region on a few tokens, at two scales of X; None if its shapes do not cut."""
+def _forward_runs(gm, nodes, X, params, sizes, tokens, draws, literals) -> list[tuple[dict, dict]] | None:
+    """The region on a few tokens, at two scales of X, then with its ``literals`` at their
+    :func:`~mhc_fx.compile.check.probes`: ``(values, literal map)`` per run; None if its shapes
+    do not cut."""
     runs = []
-    for scale in (1.0, 1e-3):
+    settings = [(1.0, {}), (1e-3, {})] + ([(1.0, check.probes(literals))] if literals else [])
+    for scale, swap in settings:
         env = {X: draws.like(X, 0, tokens) * scale, **params, **{s: tokens.size(size_input(s)) for s in sizes}}
         try:
             with torch.no_grad():
-                env = check.evaluate(gm, nodes, env, tokens)
+                env = check.evaluate(gm, nodes, env, tokens, literals=swap)
         except RuntimeError:
             return None
         if not check.cut_shapes_agree(nodes, env, tokens):
             return None
-        runs.append(env)
+        runs.append((env, swap))
     return runs
 
 
-def _matching_outputs(nodes, runs, exact, X, parameter_map, iters, eps, dtype) -> dict[int, list[fx.Node]]:
-    """``{output index: nodes}`` of the region equal to ``mhc_pre``'s outputs in every run
-    (empty as soon as ``H_res`` or ``H_post`` has no equal: the map is wrong)."""
+def _matching_outputs(nodes, runs, exact, X, parameter_map, iters, eps, form, dtype) -> dict[int, list[fx.Node]]:
+    """``{output index: nodes}`` of the region equal to ``mhc_pre``'s outputs (in ``form``) in
+    every run (empty as soon as ``H_res`` or ``H_post`` has no equal: the map is wrong)."""
     coef = Fn.compute_dtype(dtype)
     out_dtypes = {0: dtype, 1: coef, 2: coef, 3: coef}
     candidates = {i: [u for u in nodes if (tensor_meta(u) is not None and tensor_meta(u).dtype == dt)] for i, dt in out_dtypes.items()}
-    for env, values in zip(runs, exact):
+    for (env, swap), values in zip(runs, exact):
         phi, alpha, bias = _op_parameters(*parameter_map, values)
-        H_pre, H_post, H_res = Fn.mhc_coefficients(values[X], phi, alpha, bias, sinkhorn_iters=iters, eps=eps)
+        probed = dataclasses.replace(form, pre_eps=swap.get(form.pre_eps, form.pre_eps), res_eps=swap.get(form.res_eps, form.res_eps))
+        H_pre, H_post, H_res = Fn.mhc_coefficients(
+            values[X], phi, alpha, bias, sinkhorn_iters=iters, eps=swap.get(eps, eps), form=probed
+        )
         for i, ref in ((3, H_res), (2, H_post)):
             candidates[i] = [u for u in candidates[i] if check.rel_err(env[u], ref) <= check.tolerance(coef)]
             if not candidates[i]:
@@ -290,7 +301,9 @@ def _backward_mismatch(gm, nodes, match: PreMatch, params, X_value, sizes, token
         by_node = dict(zip(keys, values))
         phi, alpha, bias = _op_parameters(match.phi, match.alpha, match.bias, by_node)
         X = by_node[match.X]
-        H_pre, H_post, H_res = Fn.mhc_coefficients(X, phi, alpha, bias, sinkhorn_iters=match.iters, eps=match.eps)
+        H_pre, H_post, H_res = Fn.mhc_coefficients(
+            X, phi, alpha, bias, sinkhorn_iters=match.iters, eps=match.eps, form=match.form
+        )
         return [Fn.pre_mix(X, H_pre), H_pre, H_post, H_res]
 
     outputs = [(node, i) for i, ns in match.outputs.items() for node in ns]

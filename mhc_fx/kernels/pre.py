@@ -85,24 +85,37 @@ def _log_sinkhorn_bwd(logits, G, valid, iters):
 
 # ---------------------------------------------------------------------------------------------
 # Division forms (DeepSeek-V4's; DESIGN §2 "Forms", mhc_fx.nn.functional.Form), constants
-# DIVISION, SOFTMAX_START, COLUMN_PARITY (steps k with k % 2 == COLUMN_PARITY normalise columns),
-# TRANSPOSED and the runtime res_eps:
+# DIVISION, SOFTMAX_START, COLUMN_PARITY (0: the first division normalises columns, 1: rows;
+# they alternate), TRANSPOSED and the runtime res_eps:
 #   M⁰ = softmax_rows(logits) + ε  (or exp(logits − max));  then 2·iters − SOFTMAX_START steps
 #   M ← M / (Σ_axis M + ε);  H_res = M (Mᵀ when TRANSPOSED)
-# Backward, for g = ∂L/∂M after a step M' = M / d:  g ← (g − Σ_axis g·M') / d, the iterates
-# recomputed from M⁰ for each step (as the log form's); the start: g ← P·(g − Σ_rows g·P) for
-# the softmax P, g·P for exp(logits − max).
+# as (first, second) pairs, plus one first-kind step after the softmax start. Backward, for
+# g = ∂L/∂M after a step M' = M / d:  g ← (g − Σ_axis g·M') / d, the iterates recomputed from
+# M⁰ for each pair (as the log form's); the start: g ← P·(g − Σ_rows g·P) for the softmax P,
+# g·P for exp(logits − max). Every branch is on constexprs (no runtime branch in the loops).
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _divide_columns(M, valid, res_eps):
-    d = tl.where(valid[None, :], tl.sum(M, axis=1) + res_eps, 1.0)  # [BT, RP], per column
-    return M / d[:, None, :], d
+def _divide(M, valid, res_eps, COLUMNS: tl.constexpr):
+    """``(M / d, 1 / d)`` with ``d = Σ M + ε`` over the columns (``COLUMNS``) or the rows (one
+    division per row or column, then products: IEEE divisions cost registers)."""
+    if COLUMNS:
+        r = 1.0 / tl.where(valid[None, :], tl.sum(M, axis=1) + res_eps, 1.0)  # [BT, RP], per column
+        out = M * r[:, None, :]
+    else:
+        r = 1.0 / tl.where(valid[None, :], tl.sum(M, axis=2) + res_eps, 1.0)  # [BT, RP], per row
+        out = M * r[:, :, None]
+    return out, r
 
 
 @triton.jit
-def _divide_rows(M, valid, res_eps):
-    d = tl.where(valid[None, :], tl.sum(M, axis=2) + res_eps, 1.0)  # [BT, RP], per row
-    return M / d[:, :, None], d
+def _divide_bwd(M, g, valid, res_eps, COLUMNS: tl.constexpr):
+    """The gradient before :func:`_divide` of ``M`` for the gradient ``g`` after it."""
+    out, r = _divide(M, valid, res_eps, COLUMNS)
+    if COLUMNS:
+        g = (g - tl.sum(g * out, axis=1)[:, None, :]) * r[:, None, :]
+    else:
+        g = (g - tl.sum(g * out, axis=2)[:, :, None]) * r[:, :, None]
+    return g
 
 
 @triton.jit
@@ -113,7 +126,7 @@ def _division_start(logits, valid, res_eps, SOFTMAX_START: tl.constexpr):
     if SOFTMAX_START:
         top = tl.where(valid[None, :], tl.max(L, axis=2), 0.0)
         e = tl.exp(L - top[:, :, None])
-        P = e / tl.where(valid[None, :], tl.sum(e, axis=2), 1.0)[:, :, None]
+        P = e * (1.0 / tl.where(valid[None, :], tl.sum(e, axis=2), 1.0))[:, :, None]
         M = tl.where(both[None, :, :], P + res_eps, 0.0)
     else:
         top = tl.max(tl.max(tl.where(both[None, :, :], logits, float("-inf")), axis=2), axis=1)
@@ -123,27 +136,36 @@ def _division_start(logits, valid, res_eps, SOFTMAX_START: tl.constexpr):
 
 
 @triton.jit
-def _division_steps(M, valid, res_eps, steps, COLUMN_PARITY: tl.constexpr):
-    for k in range(steps):
-        if k % 2 == COLUMN_PARITY:
-            M, _d = _divide_columns(M, valid, res_eps)
-        else:
-            M, _d = _divide_rows(M, valid, res_eps)
+def _division_pairs(M, valid, res_eps, pairs, COLUMN_PARITY: tl.constexpr):
+    for _ in range(pairs):
+        M, _d = _divide(M, valid, res_eps, COLUMN_PARITY == 0)
+        M, _d = _divide(M, valid, res_eps, COLUMN_PARITY == 1)
     return M
 
 
 @triton.jit
-def _division_bwd(logits, g, valid, res_eps, steps, SOFTMAX_START: tl.constexpr, COLUMN_PARITY: tl.constexpr):
+def _division_sinkhorn(logits, valid, iters, res_eps, SOFTMAX_START: tl.constexpr, COLUMN_PARITY: tl.constexpr):
+    M, _P = _division_start(logits, valid, res_eps, SOFTMAX_START)
+    if SOFTMAX_START:  # the softmax was the first rows step: iters − 1 pairs, then one more
+        M = _division_pairs(M, valid, res_eps, iters - 1, COLUMN_PARITY)
+        M, _d = _divide(M, valid, res_eps, COLUMN_PARITY == 0)
+    else:
+        M = _division_pairs(M, valid, res_eps, iters, COLUMN_PARITY)
+    return M
+
+
+@triton.jit
+def _division_sinkhorn_bwd(logits, g, valid, iters, res_eps, SOFTMAX_START: tl.constexpr, COLUMN_PARITY: tl.constexpr):
     M0, P = _division_start(logits, valid, res_eps, SOFTMAX_START)
-    for j in range(steps):
-        k = steps - 1 - j
-        M = _division_steps(M0, valid, res_eps, k, COLUMN_PARITY)
-        if k % 2 == COLUMN_PARITY:
-            out, d = _divide_columns(M, valid, res_eps)
-            g = (g - tl.sum(g * out, axis=1)[:, None, :]) / d[:, None, :]
-        else:
-            out, d = _divide_rows(M, valid, res_eps)
-            g = (g - tl.sum(g * out, axis=2)[:, :, None]) / d[:, :, None]
+    pairs = iters
+    if SOFTMAX_START:
+        pairs = iters - 1
+        g = _divide_bwd(_division_pairs(M0, valid, res_eps, pairs, COLUMN_PARITY), g, valid, res_eps, COLUMN_PARITY == 0)
+    for j in range(pairs):
+        before = _division_pairs(M0, valid, res_eps, pairs - 1 - j, COLUMN_PARITY)
+        middle, _d = _divide(before, valid, res_eps, COLUMN_PARITY == 0)
+        g = _divide_bwd(middle, g, valid, res_eps, COLUMN_PARITY == 1)
+        g = _divide_bwd(before, g, valid, res_eps, COLUMN_PARITY == 0)
     if SOFTMAX_START:
         g = P * (g - tl.sum(g * P, axis=2)[:, :, None])
     else:
@@ -158,8 +180,7 @@ def _sinkhorn(
 ):
     """``H_res [BT, RP, RP]`` of the form (zeros in the padding)."""
     if DIVISION:
-        M, _P = _division_start(logits, valid, res_eps, SOFTMAX_START)
-        H = _division_steps(M, valid, res_eps, 2 * iters - SOFTMAX_START, COLUMN_PARITY)
+        H = _division_sinkhorn(logits, valid, iters, res_eps, SOFTMAX_START, COLUMN_PARITY)
     else:
         H = _log_sinkhorn(logits, valid, iters)
     if TRANSPOSED:
@@ -177,8 +198,8 @@ def _sinkhorn_bwd(
         G = tl.permute(G, (0, 2, 1))
     if DIVISION:
         both = valid[:, None] & valid[None, :]
-        g = _division_bwd(logits, tl.where(both[None, :, :], G, 0.0), valid, res_eps, 2 * iters - SOFTMAX_START,
-                          SOFTMAX_START, COLUMN_PARITY)
+        g = _division_sinkhorn_bwd(logits, tl.where(both[None, :, :], G, 0.0), valid, iters, res_eps, SOFTMAX_START,
+                                   COLUMN_PARITY)
         g = tl.where(both[None, :, :], g, 0.0)
     else:
         g = _log_sinkhorn_bwd(logits, G, valid, iters)
