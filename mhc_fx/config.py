@@ -9,11 +9,11 @@ from .errors import ConfigError
 
 Method = Literal["mhc", "hc", "hc-static", "residual"]
 Init = Literal["preserve", "paper"]
-Reduce = Literal["mean", "sum", "learned"]
+Reduce = Literal["mean", "sum", "learned", "head"]
 
 METHODS = ("mhc", "hc", "hc-static", "residual")
 INITS = ("preserve", "paper")
-REDUCES = ("mean", "sum", "learned")
+REDUCES = ("mean", "sum", "learned", "head")
 #: mHC forms (:data:`mhc_fx.nn.functional.FORMS`)
 FORMS = ("paper", "deepseek_v4")
 MAX_STREAMS = 8
@@ -36,14 +36,16 @@ class MHCConfig:
             conversion time (pretrained models are not damaged); ``"paper"`` is the from-scratch
             init (mHC: φ ~ N(0, 0.02²), b = 0; HC: the paper's init, which is ``"preserve"``).
         reduce: how streams are reduced back to one value where something other than the next
-            block reads them: ``"mean"``, ``"sum"`` (HC paper; not function-preserving) or
-            ``"learned"`` (a weighted sum whose weights start at 1/n).
+            block reads them: ``"mean"``, ``"sum"`` (HC paper; not function-preserving),
+            ``"learned"`` (a weighted sum whose weights start at 1/n) or ``"head"`` (mHC only:
+            DeepSeek-V4's learned head, per-token weights from the streams,
+            :class:`~mhc_fx.nn.DeepSeekV4Head`; the mean at init).
         feature_dim: the feature axis of the residual stream, or ``None`` to infer it per stream
             (``1`` when the first weighted op of the branch is a convolution, else ``-1``).
         fused_ops: run mHC connections through the fused ``torch.ops.mhc_fx`` ops (Triton
             kernels on CUDA, forward and backward) instead of the reference math; same
             function. On CPU they run the reference (or the interpreted kernels under
-            ``TRITON_INTERPRET=1``). mHC only, paper form.
+            ``TRITON_INTERPRET=1``). mHC only, either form.
         form: the form of mHC's coefficients (DESIGN §2 "Forms"): ``"paper"`` (arXiv 2512.24880)
             or ``"deepseek_v4"`` (DeepSeek-V4's, as Hugging Face ships it: connections with its
             parameters ``fn``, ``base``, ``scale``, loadable into ``DeepseekV4HyperConnection``;
@@ -87,13 +89,13 @@ class MHCConfig:
             )
         if self.form not in FORMS:
             raise ConfigError(f"MHCConfig.form must be one of {FORMS}, got {self.form!r}")
+        if self.reduce == "head" and self.method != "mhc":
+            raise ConfigError(
+                f"MHCConfig.reduce='head' is DeepSeek-V4's learned head of mHC streams: it needs method='mhc', "
+                f"got {self.method!r} (use reduce='learned' for a learned weighted sum)"
+            )
         if self.form != "paper" and self.method != "mhc":
             raise ConfigError(f"MHCConfig.form={self.form!r} is a form of mHC: it needs method='mhc', got {self.method!r}")
-        if self.form != "paper" and self.fused_ops:
-            raise ConfigError(
-                f"MHCConfig.fused_ops=True computes the paper form; the fused kernels do not take form={self.form!r} "
-                "yet: use fused_ops=False (torch.compile(model, backend='mhc') still compiles it with Inductor)"
-            )
         if self.init == "preserve" and self.reduce == "sum" and self.n > 1 and self.method != "residual":
             raise ConfigError(
                 "MHCConfig.reduce='sum' multiplies the reduced stream by n, so init='preserve' cannot "

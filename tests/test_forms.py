@@ -11,7 +11,7 @@ import torch
 
 import mhc_fx
 from mhc_fx.demo.zoo import TinyGPT
-from mhc_fx.nn import DeepSeekV4Connection
+from mhc_fx.nn import DeepSeekV4Connection, DeepSeekV4Head
 from mhc_fx.nn import functional as MF
 
 from .conftest import rel_err
@@ -115,8 +115,32 @@ def test_the_form_is_checked():
         mhc_fx.MHCConfig(form="v5")
     with pytest.raises(mhc_fx.ConfigError, match="method='mhc'"):
         mhc_fx.MHCConfig(method="hc", form="deepseek_v4")
-    with pytest.raises(mhc_fx.ConfigError, match="fused kernels do not take"):
-        mhc_fx.MHCConfig(form="deepseek_v4", fused_ops=True)
+
+
+def test_deepseek_v4_form_on_the_fused_ops_is_the_reference_conversion():
+    """fused_ops=True runs the DeepSeek-V4 form on the fused ops (the Triton kernels, interpreted
+    here): the same outputs and parameter gradients as the reference conversion, off init."""
+    ids = torch.randint(0, 96, (2, 8))
+    base = TinyGPT(layers=2)
+    torch.manual_seed(3)
+    reference = mhc_fx.convert(copy.deepcopy(base), (ids,), config=mhc_fx.MHCConfig(n=4, form="deepseek_v4"))
+    with torch.no_grad():
+        for m in reference.modules():
+            if isinstance(m, DeepSeekV4Connection):
+                m.fn.normal_(0.0, 0.3)
+                m.base.add_(0.5 * torch.randn_like(m.base))
+    fused = mhc_fx.convert(copy.deepcopy(base), (ids,), config=mhc_fx.MHCConfig(n=4, form="deepseek_v4", fused_ops=True))
+    fused.load_state_dict(reference.state_dict())
+    assert all(m.fused for m in fused.modules() if isinstance(m, DeepSeekV4Connection))
+    outs = []
+    for model in (reference, fused):
+        model.zero_grad()
+        out = model(ids)
+        out.square().mean().backward()
+        outs.append((out, {k: p.grad for k, p in model.named_parameters()}))
+    assert rel_err(outs[1][0], outs[0][0]) <= 1e-5
+    for k, g in outs[0][1].items():
+        assert rel_err(outs[1][1][k], g) <= 1e-4, k
 
 
 @pytest.mark.slow
@@ -137,3 +161,34 @@ def test_the_form_survives_save_load_and_onnx(tmp_path):
         assert torch.equal(loaded(ids), model(ids))
     report = mhc_fx.export_onnx(model, (ids,), tmp_path / "dsv4.onnx")
     assert len(report.checks) == 2
+
+
+def test_head_is_hugging_faces_and_keeps_the_function_at_init():
+    """reduce="head": DeepSeek-V4's learned head, whose state dict loads into Hugging Face's
+    DeepseekV4HyperHead (the oracle, off init); at init the converted model keeps its function."""
+    ids = torch.randint(0, 96, (2, 8))
+    original = TinyGPT(layers=2).eval()
+    config = mhc_fx.MHCConfig(n=4, form="deepseek_v4", reduce="head")
+    model = mhc_fx.convert(copy.deepcopy(original), (ids,), config=config).eval()
+    heads = [m for m in model.modules() if isinstance(m, DeepSeekV4Head)]
+    assert heads
+    other = torch.randint(0, 96, (3, 5))
+    with torch.no_grad():
+        assert rel_err(model(other), original(other)) <= 1e-4
+    hf_config = transformers.DeepseekV4Config(hidden_size=heads[0].channels, hc_mult=4, rms_norm_eps=config.eps)
+    hf = modeling.DeepseekV4HyperHead(hf_config)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        heads[0].hc_fn.normal_(0.0, 0.3)
+        heads[0].hc_base.add_(torch.randn(4))
+        heads[0].hc_scale.fill_(1.3)
+    hf.load_state_dict(heads[0].state_dict())  # strict: the same names and shapes
+    X = torch.randn(2, 3, 4, heads[0].channels, dtype=torch.float64, requires_grad=True)
+    ours, theirs = heads[0].double()(X), hf.double()(X)
+    assert rel_err(ours, theirs) <= 1e-6  # Hugging Face computes the weights in float32
+    g = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad((ours * g).sum(), [X, *heads[0].parameters()]),
+                    torch.autograd.grad((theirs * g).sum(), [X, *hf.parameters()])):
+        assert rel_err(a, b) <= 1e-5
+    with pytest.raises(mhc_fx.ConfigError, match="reduce='head'"):
+        mhc_fx.MHCConfig(method="hc", reduce="head")

@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 
 from ..config import MHCConfig
 from ..errors import ConfigError, ConversionError
-from ..nn.connections import Connection, DeepSeekV4Connection, HCConnection, MHCConnection, StreamExpand, StreamReduce
+from ..nn.connections import Connection, DeepSeekV4Connection, DeepSeekV4Head, HCConnection, MHCConnection, StreamExpand, StreamReduce
 from .capture import parameter_placeholders, prepare_hf, to_aten
 from .guarded import ConvertedForward, fresh_entry, run_captured
 from .plan import STREAMS_MODULE, Plan, make_plan
@@ -46,7 +46,9 @@ _unchanged_reports: "weakref.WeakKeyDictionary[nn.Module, ConversionReport]" = w
 def _connection(config: MHCConfig, n_channels: int, stream_dim: int, index: int) -> Connection:
     common = dict(index=index, stream_dim=stream_dim, eps=config.eps, alpha_init=config.alpha_init)
     if config.method == "mhc" and config.form == "deepseek_v4":
-        return DeepSeekV4Connection(config.n, n_channels, sinkhorn_iters=config.sinkhorn_iters, init=config.init, **common)
+        return DeepSeekV4Connection(
+            config.n, n_channels, sinkhorn_iters=config.sinkhorn_iters, init=config.init, fused=config.fused_ops, **common
+        )
     if config.method == "mhc":
         return MHCConnection(
             config.n, n_channels, sinkhorn_iters=config.sinkhorn_iters, init=config.init, fused=config.fused_ops,
@@ -73,7 +75,10 @@ def build_modules(model: nn.Module, plan: Plan, config: MHCConfig) -> list[nn.Mo
             new.append(conn)
         end = nn.Module()
         end.expand = StreamExpand(config.n, sdim)
-        end.reduce = StreamReduce(config.n, sdim, config.reduce)
+        if config.reduce == "head":
+            end.reduce = DeepSeekV4Head(config.n, stream[0].channels, sdim, eps=config.eps, alpha_init=config.alpha_init)
+        else:
+            end.reduce = StreamReduce(config.n, sdim, config.reduce)
         ends.append(end)
         new.append(end)
     register(model, STREAMS_MODULE, ends)

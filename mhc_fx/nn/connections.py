@@ -161,7 +161,8 @@ class DeepSeekV4Connection(Connection):
         n, channels, index, stream_dim, sinkhorn_iters, alpha_init (the scales), init: as
         :class:`MHCConnection`; eps: the RMS normalisation's epsilon (``rms_norm_eps``);
         hc_eps: the form's epsilon (``hc_eps``: ``H_pre``, the softmax start and every Sinkhorn
-        denominator).
+        denominator); fused: compute the pre side and the mixing with the fused ops in this form
+        (``torch.ops.mhc_fx.mhc_pre(..., form=…)`` / ``post_res``: Triton kernels on CUDA).
     """
 
     def __init__(
@@ -176,9 +177,10 @@ class DeepSeekV4Connection(Connection):
         hc_eps: float = MF.DEEPSEEK_V4.res_eps,
         alpha_init: float = 0.01,
         init: str = "preserve",
+        fused: bool = False,
     ) -> None:
-        super().__init__(n, channels, stream_dim)
-        self.eps = eps
+        super().__init__(n, channels, stream_dim, fused)
+        self.eps, self.fused = eps, fused
         self.form = dataclasses.replace(MF.DEEPSEEK_V4, pre_eps=hc_eps, res_eps=hc_eps)
         self.sinkhorn = Sinkhorn(sinkhorn_iters, self.form)
         k = n * n + 2 * n
@@ -198,11 +200,21 @@ class DeepSeekV4Connection(Connection):
         return MF.mhc_coefficients(X, self.fn.t(), self.scale, self.base, eps=self.eps, project_res=self.sinkhorn,
                                    form=self.form)
 
+    def forward(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.fused:
+            return super().forward(X)
+        Xt = MF.to_token_layout(X, self.stream_dim)
+        h, _, H_post, H_res = torch.ops.mhc_fx.mhc_pre(
+            Xt, self.fn.t(), self.scale, self.base, self.sinkhorn.iters, self.eps, "auto", self.form.spec
+        )
+        return MF.from_token_layout(h, self.stream_dim, X.dim()), H_post, H_res
+
     def no_weight_decay(self) -> set[str]:
         return {"scale", "base"}
 
     def extra_repr(self) -> str:
-        return f"n={self.n}, channels={self.channels}, stream_dim={self.stream_dim}, form=deepseek_v4"
+        return (f"n={self.n}, channels={self.channels}, stream_dim={self.stream_dim}, form=deepseek_v4, "
+                f"fused={self.fused}")
 
 
 class HCConnection(Connection):
@@ -304,6 +316,39 @@ class StreamExpand(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n={self.n}, stream_dim={self.stream_dim}"
+
+
+class DeepSeekV4Head(nn.Module):
+    """End of a stream in DeepSeek-V4's form: the learned head (``MHCConfig(reduce="head")``),
+    ``out = Σ_j w_j X_j`` with per-token weights
+    :func:`~mhc_fx.nn.functional.head_weights`. Its ``state_dict`` (``hc_fn [n, n*C]``,
+    ``hc_base [n]``, ``hc_scale [1]``, float32) loads into Hugging Face's
+    ``DeepseekV4HyperHead`` and the two compute the same function.
+
+    At init (``hc_fn = 0``, ``σ(hc_base) + hc_eps = 1/n``) it is the mean of the streams: the
+    converted model keeps its function.
+    """
+
+    def __init__(
+        self, n: int, channels: int, stream_dim: int, *, eps: float = 1e-6, hc_eps: float = MF.DEEPSEEK_V4.pre_eps,
+        alpha_init: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.n, self.channels, self.stream_dim, self.eps, self.hc_eps = n, channels, stream_dim, eps, hc_eps
+        self.hc_fn = nn.Parameter(torch.zeros(n, n * channels))
+        self.hc_base = nn.Parameter(_logit(torch.full((n,), 1.0 / n, dtype=torch.float64) - hc_eps).float())
+        self.hc_scale = nn.Parameter(torch.full((1,), float(alpha_init)))
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        Xt = MF.to_token_layout(X, self.stream_dim)
+        w = MF.head_weights(Xt, self.hc_fn, self.hc_base, self.hc_scale, eps=self.eps, pre_eps=self.hc_eps)
+        return MF.from_token_layout(MF.pre_mix(Xt, w), self.stream_dim, X.dim())
+
+    def no_weight_decay(self) -> set[str]:
+        return {"hc_base", "hc_scale"}
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, channels={self.channels}, stream_dim={self.stream_dim}, form=deepseek_v4"
 
 
 class StreamReduce(nn.Module):

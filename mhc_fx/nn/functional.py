@@ -34,6 +34,7 @@ __all__ = [
     "sinkhorn",
     "mhc_coefficients",
     "group_gate",
+    "head_weights",
     "hc_coefficients",
     "pre_mix",
     "post_res_mix",
@@ -231,6 +232,27 @@ def mhc_coefficients(
     logits = h_res.unflatten(-1, (n, n))
     H_res = project_res(logits) if project_res is not None else sinkhorn(logits, sinkhorn_iters, form)
     return H_pre, H_post, H_res
+
+
+def head_weights(
+    X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, *, eps: float = 1e-6,
+    pre_eps: float = DEEPSEEK_V4.pre_eps,
+) -> torch.Tensor:
+    """DeepSeek-V4's learned head (``DeepseekV4HyperHead``): per-token weights of the final
+    collapse ``out = Σ_j w_j X_j`` (:func:`pre_mix` with them),
+    ``w = σ(RMSNorm(vec X) · fnᵀ · scale + base) + pre_eps``.
+
+    Args:
+        X: ``[..., n, C]`` stream; fn: ``[n, n*C]``; base: ``[n]``; scale: ``[1]``.
+        eps: the RMS normalisation's epsilon; pre_eps: added to the sigmoid (``hc_eps``).
+
+    Returns:
+        ``w [..., n]`` in the compute dtype.
+    """
+    dt = compute_dtype(X.dtype)
+    v = X.flatten(-2).to(dt)
+    r = torch.sqrt((v * v).mean(dim=-1, keepdim=True) + eps)
+    return torch.sigmoid((v / r) @ fn.to(dt).t() * scale.to(dt) + base.to(dt)) + pre_eps
 
 
 def hc_coefficients(
