@@ -6,7 +6,11 @@
 # installed from a registry there), installs mhc_fx without dependencies, writes every log under
 # $OUT and prints a short summary last.
 #
-#   bash benchmarks/gpu_session.sh
+#   bash benchmarks/gpu_session.sh                # kernels, tests, GPT train step
+#   bash benchmarks/gpu_session.sh deepseek_v4    # Hugging Face DeepseekV4ForCausalLM (8 layers,
+#                                                 # hidden 256, batch 4 × 256): plain Inductor vs
+#                                                 # backend="mhc", first step and step (needs
+#                                                 # transformers ≥ 5.25 in the machine's python3)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu}"
@@ -32,11 +36,17 @@ step() {
     echo "$name: exit $? after $((SECONDS - start)) s (limit $limit s)" | tee -a "$OUT/summary.txt"
 }
 
-step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/test_kernels_gpu.py
-step kernels 150 python3 benchmarks/kernel_speed.py --tokens 16384 --channels 1280 4096 --dtype bf16
-step train_step 200 python3 benchmarks/train_step.py --backend mhc --device cuda --no-plain-inductor
+if [ "${1:-}" = deepseek_v4 ]; then
+    names=(deepseek_v4)
+    step deepseek_v4 540 python3 benchmarks/deepseek_v4_step.py --device cuda --steps 10
+else
+    names=(gpu_tests kernels train_step)
+    step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/test_kernels_gpu.py
+    step kernels 150 python3 benchmarks/kernel_speed.py --tokens 16384 --channels 1280 4096 --dtype bf16
+    step train_step 200 python3 benchmarks/train_step.py --backend mhc --device cuda --no-plain-inductor
+fi
 
-for name in gpu_tests kernels train_step; do
+for name in "${names[@]}"; do
     echo "== $name (last lines; whole log in $OUT/$name.txt)"
     tail -n 18 "$OUT/$name.txt"
 done

@@ -84,6 +84,7 @@ def test_every_hugging_face_deepseek_v4_connection_fuses_with_eager_loss_and_gra
     assert {f.owner for f in report.fused if f.kind in ("pre", "post_res_pre")} == _connections(model)
     assert report.num_pre == report.num_post_res == len(_connections(model)) == 4, str(report)
     assert report.counts["post_res_pre"] == 3 and not report.unfused, str(report)
+    assert {f.form for f in report.fused} == {"deepseek_v4"} and "forms: deepseek_v4 ×4" in str(report)
 
 
 def test_deepseek_v4_eval_logits_and_generated_tokens_are_eagers(deepseek_v4):

@@ -141,8 +141,8 @@ def _fuse(gm: fx.GraphModule, cross_layer: bool, enabled: bool, cpu_path: str) -
     gm.recompile()
     for op, match in pres:
         post = posts.get(op)
-        report.fused.append(Fused("post_res_pre" if op in merged else "pre", match.owner))
+        report.fused.append(Fused("post_res_pre" if op in merged else "pre", match.owner, match.form.name))
         if post is not None and post not in merged.values():
-            report.fused.append(Fused("post_res", match.owner))
+            report.fused.append(Fused("post_res", match.owner, match.form.name))
     report.seconds = time.perf_counter() - start
     return report

@@ -13,11 +13,13 @@ from torch._dynamo.eval_frame import OptimizedModule
 
 @dataclasses.dataclass(frozen=True)
 class Fused:
-    """One fused op: ``kind`` (``pre``, ``post_res``, ``post_res_pre``) and the module it came
-    from (``nn_module_stack`` of the matched nodes)."""
+    """One fused op: ``kind`` (``pre``, ``post_res``, ``post_res_pre``), the module it came
+    from (``nn_module_stack`` of the matched nodes) and the form of mHC its pre side computes
+    (:attr:`mhc_fx.nn.functional.Form.name`)."""
 
     kind: str
     owner: str
+    form: str = "paper"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +71,9 @@ class FusionReport:
             f"mhc fusion: {c['pre']} pre, {c['post_res']} post_res, {c['post_res_pre']} post_res_pre "
             f"(blocks with fused pre {self.num_pre}, fused mixing {self.num_post_res})"
         ]
+        forms = Counter(f.form for f in self.fused if f.kind != "post_res")
+        if set(forms) - {"paper"}:
+            lines.append("  forms: " + ", ".join(f"{k} ×{v}" for k, v in sorted(forms.items())))
         if self.existing:
             lines.append("  already fused in the model: " + ", ".join(f"{k} ×{v}" for k, v in sorted(self.existing.items())))
         lines += [f"  not fused: {u.kind} at {u.owner or '?'}: {u.reason}" for u in self.unfused]

@@ -11,7 +11,8 @@ Three spellings are recognised on an ``[..., n, n]`` tensor, and each chain says
   ``exp(L − rowmax) / rowsum``), then ``M / (M.sum(axis) + ε)`` from the columns on,
   alternating, ending on columns.
 
-Any other order of axes, or an epsilon anywhere else (after a division, in some denominators
+Any other order of axes (rows first is another function; the log domain's finiteness at any
+logit spread is the paper form's, which a division op would not keep), or an epsilon anywhere else (after a division, in some denominators
 only, in the softmax's), is another function: close to one of these at ordinary logits but not
 equal, and reported, not fused.
 """
@@ -134,11 +135,9 @@ def _division_form(steps: list[tuple[int, float]]) -> tuple[Form, int] | str:
     axes = [axis for axis, _ in steps]
     epsilons = {eps for _, eps in steps}
     if epsilons == {0.0} and 0 not in axes:
-        pair = axes[:2]
-        if len(axes) % 2 == 0 and pair in ([-2, -1], [-1, -2]) and axes == pair * (len(axes) // 2):
-            form = PAPER if pair == [-2, -1] else Form("rows_first", columns_first=False)
-            return form, len(axes) // 2
-        return f"Sinkhorn steps {_spelling(steps)!r} are neither (column, row) nor (row, column) pairs"
+        if len(axes) % 2 == 0 and axes == [-2, -1] * (len(axes) // 2):
+            return PAPER, len(axes) // 2
+        return f"Sinkhorn steps {_spelling(steps)!r} are not (column, row) pairs"
     head, tail = steps[:2], steps[2:]
     eps = head[1][1] if len(head) == 2 else 0.0
     tail_axes = [axis for axis, _ in tail]

@@ -108,10 +108,10 @@ def mhc_pre(
     form: str = "paper",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """mHC pre side of one block: ``(h [..., C], H_pre [..., n], H_post [..., n], H_res [..., n, n])``."""
-    return _mhc_pre(X, phi, alpha, bias, iters, eps, path, form, runtime.reference)
+    return _mhc_pre(X, phi, alpha, bias, iters, eps, path, form, cpu=runtime.reference)
 
 
-def _mhc_pre(X, phi, alpha, bias, iters, eps, path, form, cpu: CpuPath):
+def _mhc_pre(X, phi, alpha, bias, iters, eps, path="auto", form="paper", *, cpu: CpuPath):
     """The body of :func:`mhc_pre`; ``cpu`` picks how the CPU path runs (:data:`CpuPath`)."""
     _check_pre(X, phi, alpha, bias, iters, form)
     args = (_tokens(X), _acc(phi, X), _acc(alpha, X), _acc(bias, X), iters, eps)
@@ -141,10 +141,10 @@ def mhc_pre_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dX, dφ, dα, db)`` of :func:`mhc_pre` for the gradients of its four outputs,
     computed on ``path`` (the one the forward resolved)."""
-    return _mhc_pre_backward(X, phi, alpha, bias, dh, dH_pre, dH_post, dH_res, iters, eps, path, form, runtime.reference)
+    return _mhc_pre_backward(X, phi, alpha, bias, dh, dH_pre, dH_post, dH_res, iters, eps, path, form, cpu=runtime.reference)
 
 
-def _mhc_pre_backward(X, phi, alpha, bias, dh, dH_pre, dH_post, dH_res, iters, eps, path, form, cpu: CpuPath):
+def _mhc_pre_backward(X, phi, alpha, bias, dh, dH_pre, dH_post, dH_res, iters, eps, path, form="paper", *, cpu: CpuPath):
     """The body of :func:`mhc_pre_backward` (``cpu`` as :func:`_mhc_pre`'s)."""
     _check_pre(X, phi, alpha, bias, iters, form)
     grads = (_rows(dh, 1).to(X.dtype), _acc(_rows(dH_pre, 1), X), _acc(_rows(dH_post, 1), X), _acc(_rows(dH_res, 2), X))
@@ -203,10 +203,10 @@ mhc_pre.register_autograd(_pre_backward, setup_context=_pre_setup_context)
 @torch.library.custom_op("mhc_fx::post_res", mutates_args=())
 def post_res(X: Tensor, y: Tensor, H_post: Tensor, H_res: Tensor, path: str = "auto") -> Tensor:
     """Next stream ``X_next [..., n, C] = H_res·X + H_postᵀ·y``."""
-    return _post_res(X, y, H_post, H_res, path, runtime.reference)
+    return _post_res(X, y, H_post, H_res, path, cpu=runtime.reference)
 
 
-def _post_res(X, y, H_post, H_res, path, cpu: CpuPath):
+def _post_res(X, y, H_post, H_res, path="auto", *, cpu: CpuPath):
     """The body of :func:`post_res` (``cpu`` as :func:`_mhc_pre`'s)."""
     _check_post(X, y, H_post, H_res)
     args = (_tokens(X), _rows(y, 1).to(X.dtype), _acc(_rows(H_post, 1), X), _acc(_rows(H_res, 2), X))
@@ -232,10 +232,10 @@ def post_res_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dX, dy, dH_post, dH_res)`` of :func:`post_res` for ``grad = ∂L/∂X_next``,
     computed on ``path`` (the one the forward resolved)."""
-    return _post_res_backward(X, y, H_post, H_res, grad, path, runtime.reference)
+    return _post_res_backward(X, y, H_post, H_res, grad, path, cpu=runtime.reference)
 
 
-def _post_res_backward(X, y, H_post, H_res, grad, path, cpu: CpuPath):
+def _post_res_backward(X, y, H_post, H_res, grad, path, *, cpu: CpuPath):
     """The body of :func:`post_res_backward` (``cpu`` as :func:`_mhc_pre`'s)."""
     _check_post(X, y, H_post, H_res)
     args = (_tokens(X), _rows(y, 1).to(X.dtype), _acc(_rows(H_post, 1), X), _acc(_rows(H_res, 2), X),
@@ -278,10 +278,10 @@ def post_res_pre(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``X_next = post_res(X, y, H_post, H_res)`` and ``mhc_pre(X_next, φ, α, b)`` in one pass:
     ``(X_next, h, H_pre, H_post', H_res')`` (X_next is read from registers, not memory)."""
-    return _post_res_pre(X, y, H_post, H_res, phi, alpha, bias, iters, eps, path, form, runtime.reference)
+    return _post_res_pre(X, y, H_post, H_res, phi, alpha, bias, iters, eps, path, form, cpu=runtime.reference)
 
 
-def _post_res_pre(X, y, H_post, H_res, phi, alpha, bias, iters, eps, path, form, cpu: CpuPath):
+def _post_res_pre(X, y, H_post, H_res, phi, alpha, bias, iters, eps, path="auto", form="paper", *, cpu: CpuPath):
     """The body of :func:`post_res_pre` (``cpu`` as :func:`_mhc_pre`'s)."""
     _check_post(X, y, H_post, H_res)
     _check_pre(X, phi, alpha, bias, iters, form)
@@ -398,6 +398,7 @@ def _traced_decomposition(body: Callable) -> Callable:
     names = list(inspect.signature(body).parameters)[:-1]  # the op's arguments, in order (then cpu)
 
     def decomposition(*args, **kwargs):
+        # arguments at their default may be left out of the call: the body's defaults are the op's
         arguments = dict(zip(names, args), **kwargs)
         if arguments.get("path", "auto") != "compiled_reference":
             return NotImplemented
