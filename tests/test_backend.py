@@ -134,8 +134,9 @@ def test_recompute_lowers_saved_bytes_with_unchanged_gradients(monkeypatch):
         grads[name] = _grads(model)
         saved[name] = saved_bytes(compiled, ids)
     print("saved for backward (bytes):", saved)
-    assert saved["mhc+recompute"] < 0.85 * saved["mhc"]
     assert "L_r=4: 6 of 24 block streams saved" in mhc_fx.fusion_reports(model)[-1].recompute
+    # exactly the 18 recomputed streams [tokens, n, C] (float32) are no longer saved, nothing else changes
+    assert saved["mhc"] - saved["mhc+recompute"] == 18 * ids.numel() * 4 * 32 * 4
     assert eager.keys() == grads["mhc"].keys()
     for name, ref in eager.items():  # fp32 sums in other orders: a wrong fusion is off by O(1)
         assert rel_err(grads["mhc"][name], ref) <= 1e-4, name

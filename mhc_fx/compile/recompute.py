@@ -3,15 +3,19 @@
 Training an n-stream model saves each block's stream ``X_l [..., n, C]`` for backward: n times
 the activations of the residual stream it replaced. mHC keeps only every ``L_r``-th stream
 ``X_{l0}`` and each branch output ``y_l [..., C]``, and recomputes the rest in backward from
-those by rerunning the cheap fused ops (never the branch ``F``)::
+those by rerunning the mixing (never the branch ``F``, nor the coefficients)::
 
-    X_{l+1} = post_res(X_l, y_l, H_post_l, H_res_l),   (h, H_pre, H_post, H_res)_l = mhc_pre(X_l)
+    X_{l+1} = post_res(X_l, y_l, H_post_l, H_res_l)
 
-The pass tags the fused forward ops of the joint graph with ``CheckpointPolicy`` (the tags
-selective activation checkpointing uses) and the min-cut partitioner does the rest: ops of
-blocks inside a segment are ``MUST_RECOMPUTE``; segment-start streams and branch outputs are
-``MUST_SAVE``. Saved stream memory drops from ``L·nC`` to about ``(L/L_r)·nC + L·C`` per token,
-which ``L_r = √(nL/(n+2))`` (the paper's choice, the default) minimises.
+The pass adds that ``post_res`` chain to the joint graph for every stream inside a segment,
+points the backward's reads of those streams at it, and tags it with ``CheckpointPolicy`` (the
+tags selective activation checkpointing uses): the chain is ``MUST_RECOMPUTE``, segment-start
+streams, branch outputs and the fused pre ops' coefficients (``n² + 2n`` values per token) are
+``MUST_SAVE``; the min-cut partitioner does the rest. Recomputing costs one mixing per block
+(a read of ``X_l`` and ``y_l``, a write of ``X_{l+1}``) and never the Sinkhorn iterations, which
+the pre side's backward recomputes on its own anyway. Saved stream memory drops from ``L·nC``
+to about ``(L/L_r)·nC + L·C`` per token, which ``L_r = √(nL/(n+2))`` (the paper's choice, the
+default) minimises.
 """
 
 from __future__ import annotations
@@ -30,11 +34,28 @@ def segment_length(n: int, blocks: int) -> int:
     return max(1, round(math.sqrt(n * blocks / (n + 2))))
 
 
-def _tag(node: fx.Node, policy: CheckpointPolicy) -> None:
-    node.meta["recompute"] = policy
-    for user in node.users:
-        if user.target is operator.getitem:
-            user.meta["recompute"] = policy
+def _downstream(nodes: list[fx.Node]) -> set[fx.Node]:
+    """Every node computed from ``nodes`` (the backward part of a joint graph, from its tangents)."""
+    seen, todo = set(nodes), list(nodes)
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return seen
+
+
+def _stream_and_mixing(pre: fx.Node) -> tuple[fx.Node, tuple | None]:
+    """The stream a fused pre op reads (``post_res_pre``: the ``X_next`` it computes) and the
+    mixing that made it, ``(X, y, H_post, H_res, path)``, or None (the stream's start)."""
+    ops = torch.ops.mhc_fx
+    if pre.target is ops.post_res_pre.default:
+        stream = next(u for u in pre.users if u.target is operator.getitem and u.args[1] == 0)
+        return stream, (*pre.args[:4], pre.args[9])
+    stream = pre.args[0]
+    if stream.target is ops.post_res.default:
+        return stream, tuple(stream.args[:5])
+    return stream, None
 
 
 class SelectiveRecompute(CustomGraphPass):
@@ -54,27 +75,32 @@ class SelectiveRecompute(CustomGraphPass):
         ops = torch.ops.mhc_fx
         pres = [n for n in graph.nodes if n.target in (ops.mhc_pre.default, ops.post_res_pre.default)]
         # AOTAutograd names a joint graph's incoming gradients tangents_1, tangents_2, ...
-        has_backward = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
-        if not pres or not has_backward:  # an inference graph saves nothing
+        tangents = [n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")]
+        if not pres or not tangents:  # an inference graph saves nothing
             return
+        backward = _downstream(tangents)
+        first_backward = next(n for n in graph.nodes if n in backward)
         n = pres[0].meta["val"][2].shape[-1]
         every = self.every or segment_length(n, len(pres))
-        for node in graph.nodes:
-            if node.target in (ops.post_res.default, ops.post_res_pre.default):
-                node.args[1].meta["recompute"] = CheckpointPolicy.MUST_SAVE  # branch output y
+        recomputed: dict[fx.Node, fx.Node] = {}  # forward stream → its recomputation
         for index, pre in enumerate(pres):
-            merged = pre.target is ops.post_res_pre.default
-            producer = pre if merged else pre.args[0]
-            if index % every:
-                _tag(pre, CheckpointPolicy.MUST_RECOMPUTE)
-                if producer.target is ops.post_res.default:
-                    _tag(producer, CheckpointPolicy.MUST_RECOMPUTE)
-            elif merged:
-                stream = next((u for u in pre.users if u.args[1] == 0), None)
-                if stream is not None:
-                    stream.meta["recompute"] = CheckpointPolicy.MUST_SAVE
-            else:
-                producer.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+            post = 3 if pre.target is ops.post_res_pre.default else 2  # outputs (X_next,) h, H_pre, H_post, H_res
+            for out in pre.users:  # H_post, H_res (n² + n values per token) for the mixings' backward: saved
+                if out.target is operator.getitem and out.args[1] >= post:
+                    out.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+            stream, mixing = _stream_and_mixing(pre)
+            if mixing is not None:
+                mixing[1].meta["recompute"] = CheckpointPolicy.MUST_SAVE  # branch output y
+            if index % every == 0 or mixing is None:
+                stream.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+                continue
+            X, y, H_post, H_res, path = mixing
+            with graph.inserting_before(first_backward):
+                again = graph.call_function(ops.post_res.default, (recomputed.get(X, X), y, H_post, H_res, path))
+            again.meta.update(val=stream.meta["val"], recompute=CheckpointPolicy.MUST_RECOMPUTE)
+            for user in [u for u in stream.users if u in backward]:
+                user.replace_input_with(stream, again)
+            recomputed[stream] = again
         if self.on_plan is not None:
             saved = math.ceil(len(pres) / every)
             self.on_plan(f"L_r={every}: {saved} of {len(pres)} block streams saved, the rest recomputed in backward")
