@@ -1,7 +1,7 @@
 """Eager training-step time of a GPT under FSDP2 on one process (gloo, CPU): the original model
 against the converted mHC model (n=4), each without FSDP2, as one unit, and with a unit per
 block (``fully_shard`` per layer, then the model): the cost of running a converted model's
-capture unit by unit (:mod:`mhc_fx.convert.units`) next to the cost FSDP2 itself adds.
+capture unit by unit (:mod:`mhc_fx.distributed`) next to the cost FSDP2 itself adds.
 
     python benchmarks/fsdp_step.py [--layers 12] [--dim 256] [--batch 8] [--seq 256] [--repeats 5]
 

@@ -9,7 +9,7 @@ backend), :mod:`mhc_fx.export` (ONNX, and ONNX Runtime GenAI folders for generat
 """
 
 from . import kernels  # noqa: F401  (registers torch.ops.mhc_fx: fused connections call them)
-from .compile.report import FusionReport, fusion_reports
+from .compile.fusion_report import FusionReport, fusion_reports
 from .config import MHCConfig
 from .convert import BlockReport, CaptureRecord, ConversionReport, convert, find_residuals, is_converted, report
 from .errors import CaptureError, ConfigError, ConversionError, MHCError

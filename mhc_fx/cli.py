@@ -23,8 +23,8 @@ from rich.console import Console
 from .config import METHODS, MHCConfig
 from .convert import convert, find_residuals, is_converted, report as conversion_report
 from .errors import MHCError
-from .pretrained import save
-from .specs import SpecError, load
+from .pretrained import load_spec, save
+from .specs import SpecError
 
 
 def _shape(text: str | None) -> tuple[int, ...] | None:
@@ -36,7 +36,7 @@ def _config(args) -> MHCConfig:
 
 
 def _load(args):
-    return load(args.spec, _shape(args.input_shape), trust_remote_code=args.trust_remote_code)
+    return load_spec(args.spec, _shape(args.input_shape), trust_remote_code=args.trust_remote_code)
 
 
 def _converted(args, model, ex_args, ex_kwargs):

@@ -27,8 +27,9 @@ from .config import MHCConfig
 from .convert.conversion import HF_CONFIG_KEY, block_reports, build_modules, install
 from .convert.guarded import ConvertedForward
 from .convert.plan import STREAMS_MODULE, Plan
-from .convert.report import ConversionReport
+from .convert.conversion_report import ConversionReport
 from .errors import ConversionError
+from .specs import architecture_class, is_code_spec, is_converted_save, load
 
 
 def _checkpoint_tensors(path: pathlib.Path, prefixes: tuple[str, ...]) -> dict[str, Any]:
@@ -131,12 +132,16 @@ def from_pretrained(
     return _install_saved(loaded, path, entry, connections_only=True)
 
 
-def architecture_class(hf_config: Any) -> type | None:
-    """The transformers class the config's first ``architectures`` entry names (``LlamaForCausalLM``), or None."""
-    import transformers
-
-    names = getattr(hf_config, "architectures", None) or []
-    return getattr(transformers, names[0], None) if names else None
+def load_spec(
+    spec: str, input_shape: tuple[int, ...] | None = None, *, trust_remote_code: bool = False
+) -> tuple[nn.Module, tuple, dict[str, Any]]:
+    """:func:`mhc_fx.specs.load` (``(model, example args, example kwargs)``), where an
+    ``hf:PATH`` save of a converted model loads converted (:func:`from_pretrained`)."""
+    kind, _, rest = spec.partition(":")
+    model = None
+    if kind == "hf" and is_converted_save(rest, trust_remote_code):
+        model = from_pretrained(rest, trust_remote_code=trust_remote_code)
+    return load(spec, input_shape, trust_remote_code=trust_remote_code, model=model)
 
 
 def _connection_prefixes(plan: Plan) -> tuple[str, ...]:
@@ -165,8 +170,6 @@ _ABSENT = object()
 
 
 def _from_spec_save(path: pathlib.Path, model: nn.Module | Callable[[], nn.Module] | None, trust_remote_code: bool) -> nn.Module:
-    from .specs import is_code_spec, load
-
     meta = json.loads((path / META_FILE).read_text())
     if "plan" not in meta:
         raise ConversionError(f"{path}/{META_FILE} has no plan (written by an older mhc_fx); convert and save the model again")

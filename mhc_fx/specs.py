@@ -33,23 +33,27 @@ def is_code_spec(spec: str) -> bool:
 
 
 def load(
-    spec: str, input_shape: tuple[int, ...] | None = None, *, trust_remote_code: bool = False
+    spec: str, input_shape: tuple[int, ...] | None = None, *, trust_remote_code: bool = False,
+    model: nn.Module | None = None,
 ) -> tuple[nn.Module, tuple, dict[str, Any]]:
     """``(model in eval mode, example args, example kwargs)`` for ``spec``.
 
     ``hf:PATH`` loads the class the directory's ``config.json`` names in ``architectures`` (a
-    causal LM keeps its head), or, for a save of a converted model, the converted model
-    (:func:`mhc_fx.from_pretrained`); ``trust_remote_code`` is passed to transformers and to
-    ``from_pretrained`` (code the folder names runs only with it)."""
+    causal LM keeps its head); ``trust_remote_code`` is passed to transformers. A save of a
+    converted model is :func:`mhc_fx.from_pretrained`'s to load: pass what it returned as
+    ``model`` (only the example inputs are made then; :func:`mhc_fx.pretrained.load_spec` does
+    both), else it is a :class:`SpecError`."""
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise SpecError(f"bad model spec {spec!r}: use {FORMS}")
+    if model is not None and not (kind == "hf" and pathlib.Path(rest).is_dir()):
+        raise SpecError(f"model= is the converted model of an hf:PATH save; spec {spec!r} names no such folder")
     torch.manual_seed(0)
     try:
         if kind == "timm":
             model, args, kwargs = _timm(rest)
         elif kind == "hf":
-            model, args, kwargs = _hf(rest, trust_remote_code)
+            model, args, kwargs = _hf(rest, trust_remote_code, model)
         else:
             model, args, kwargs = _factory(kind, rest)
     except SpecError:
@@ -68,17 +72,36 @@ def _timm(name: str):
     return model, (torch.randn(2, *model.pretrained_cfg["input_size"]),), {}
 
 
-def _hf(what: str, trust_remote_code: bool):
+def architecture_class(hf_config: Any) -> type | None:
+    """The transformers class the config's first ``architectures`` entry names (``LlamaForCausalLM``), or None."""
+    import transformers
+
+    names = getattr(hf_config, "architectures", None) or []
+    return getattr(transformers, names[0], None) if names else None
+
+
+def is_converted_save(path: str, trust_remote_code: bool = False) -> bool:
+    """Whether ``path`` is a Hugging Face folder saved from a converted model."""
     import transformers
 
     from .convert.conversion import HF_CONFIG_KEY
-    from .pretrained import architecture_class, from_pretrained
+
+    if not (pathlib.Path(path) / "config.json").is_file():
+        return False
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return bool(getattr(config, HF_CONFIG_KEY, None))
+
+
+def _hf(what: str, trust_remote_code: bool, model: nn.Module | None):
+    import transformers
+
+    from .convert.conversion import HF_CONFIG_KEY
 
     if pathlib.Path(what).is_dir():
         config = transformers.AutoConfig.from_pretrained(what, trust_remote_code=trust_remote_code)
-        if getattr(config, HF_CONFIG_KEY, None):
-            model = from_pretrained(what, trust_remote_code=trust_remote_code)
-        else:
+        if getattr(config, HF_CONFIG_KEY, None) and model is None:
+            raise SpecError(f"{what} is a save of a converted model: load it with mhc_fx.from_pretrained({what!r})")
+        if model is None:
             model_class = architecture_class(config) or transformers.AutoModel
             model = model_class.from_pretrained(what, trust_remote_code=trust_remote_code)
     else:

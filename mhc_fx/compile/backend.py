@@ -18,7 +18,7 @@ For each graph Dynamo captures, the backend
 Options, by ``torch.compile(m, backend="mhc", options={...})`` or
 ``torch.compile(m, backend=mhc_fx.compile.backend.options(...))``: see :class:`BackendOptions`.
 What was fused belongs to the compiled model: :func:`mhc_fx.fusion_reports(model)
-<mhc_fx.compile.report.fusion_reports>` (one :class:`~mhc_fx.compile.report.FusionReport` per graph compiled for
+<mhc_fx.compile.fusion_report.fusion_reports>` (one :class:`~mhc_fx.compile.fusion_report.FusionReport` per graph compiled for
 it); a backend made by :func:`options` also keeps the reports of every graph it compiled
 (``.reports``, for compiled functions); and the ``mhc_fx.compile.backend`` logger (INFO).
 
@@ -41,12 +41,12 @@ from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.decomposition import select_decomp_table
 
-from ..convert.capture import to_aten
-from ..convert.guarded import ConvertedForward
+from ..graph.capture import to_aten
+from ..convert import ConvertedForward
 from ..errors import ConfigError
 from ..kernels import custom_ops
 from .fuse import fuse_mhc
-from .report import FusionReport, record
+from .fusion_report import FusionReport, record
 from .recompute import SelectiveRecompute
 
 log = logging.getLogger(__name__)

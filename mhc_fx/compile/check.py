@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_arg
 
-from ..convert.graph_ops import tensor_meta
+from ..graph.ops import tensor_meta
 from .nodes import shape
 
 aten = torch.ops.aten

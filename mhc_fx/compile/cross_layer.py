@@ -8,7 +8,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..convert.graph_ops import canonical
+from ..graph.ops import canonical
 from .nodes import number, order
 
 

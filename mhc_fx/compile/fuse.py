@@ -27,7 +27,7 @@ from torch._guards import detect_fake_mode
 from torch.fx.node import map_arg
 from torch.utils import _pytree as pytree
 
-from ..convert.graph_ops import tensor_meta
+from ..graph.ops import tensor_meta
 from ..kernels import runtime
 from . import check
 from .check import grad_modes
@@ -35,7 +35,7 @@ from .cross_layer import insert_op, merge_cross_layer
 from .match_post import match_post
 from .match_pre import build_params, match_pre
 from .nodes import number, order
-from .report import Fused, FusionReport, Unfused
+from .fusion_report import Fused, FusionReport, Unfused
 from .sinkhorn_chain import sinkhorn_chains
 
 FUSED_OPS = {"pre": "mhc_pre", "post_res": "post_res", "post_res_pre": "post_res_pre"}

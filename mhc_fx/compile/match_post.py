@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from ..nn import functional as Fn
-from ..convert.graph_ops import tensor_meta
+from ..graph.ops import tensor_meta
 from . import check
 from .nodes import inputs, nondeterministic, order, shape, size_input, users, walk
 

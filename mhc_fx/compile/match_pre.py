@@ -27,10 +27,10 @@ import torch
 import torch.fx as fx
 
 from ..nn import functional as Fn
-from ..convert.graph_ops import tensor_meta
+from ..graph.ops import tensor_meta
 from . import check
 from .nodes import inputs, is_const, nondeterministic, order, owner, shape, size_input, users, walk
-from .report import Unfused
+from .fusion_report import Unfused
 from .sinkhorn_chain import SinkhornChain
 
 aten = torch.ops.aten

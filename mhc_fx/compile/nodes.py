@@ -9,8 +9,7 @@ from typing import Callable, Iterable
 import torch
 import torch.fx as fx
 
-from ..convert.graph_ops import tensor_meta
-from ..convert.residuals import module_path
+from ..graph.ops import module_path, tensor_meta
 
 aten = torch.ops.aten
 

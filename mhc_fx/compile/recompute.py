@@ -20,11 +20,13 @@ default) minimises.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 
 import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.utils.checkpoint import CheckpointPolicy
 
@@ -43,6 +45,22 @@ def _downstream(nodes: list[fx.Node]) -> set[fx.Node]:
                 seen.add(user)
                 todo.append(user)
     return seen
+
+
+def _recomputed(graph: fx.Graph, target, *args) -> fx.Node:
+    """A new node ``target(*args)`` (at the insertion point) with its fake value, tagged
+    ``MUST_RECOMPUTE``."""
+    node = graph.call_function(target, args)
+    values = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
+    with detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)]) or contextlib.nullcontext():
+        node.meta.update(val=target(*values), recompute=CheckpointPolicy.MUST_RECOMPUTE)
+    return node
+
+
+def _redirect(value: fx.Node, recomputed: fx.Node, backward: set[fx.Node]) -> None:
+    """The backward's reads of ``value`` read ``recomputed`` instead."""
+    for user in [u for u in value.users if u in backward]:
+        user.replace_input_with(value, recomputed)
 
 
 def _stream_and_mixing(pre: fx.Node) -> tuple[fx.Node, tuple | None]:
@@ -84,10 +102,11 @@ class SelectiveRecompute(CustomGraphPass):
         every = self.every or segment_length(n, len(pres))
         recomputed: dict[fx.Node, fx.Node] = {}  # forward stream → its recomputation
         for index, pre in enumerate(pres):
-            post = 3 if pre.target is ops.post_res_pre.default else 2  # outputs (X_next,) h, H_pre, H_post, H_res
-            for out in pre.users:  # H_post, H_res (n² + n values per token) for the mixings' backward: saved
-                if out.target is operator.getitem and out.args[1] >= post:
-                    out.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+            first = 1 if pre.target is ops.post_res_pre.default else 0  # outputs (X_next,) h, H_pre, H_post, H_res
+            outputs = {u.args[1] - first: u for u in pre.users if u.target is operator.getitem}
+            for i in (2, 3):  # H_post, H_res (n² + n values per token) for the mixings' backward: saved
+                if i in outputs:
+                    outputs[i].meta["recompute"] = CheckpointPolicy.MUST_SAVE
             stream, mixing = _stream_and_mixing(pre)
             if mixing is not None:
                 mixing[1].meta["recompute"] = CheckpointPolicy.MUST_SAVE  # branch output y
@@ -96,11 +115,9 @@ class SelectiveRecompute(CustomGraphPass):
                 continue
             X, y, H_post, H_res, path = mixing
             with graph.inserting_before(first_backward):
-                again = graph.call_function(ops.post_res.default, (recomputed.get(X, X), y, H_post, H_res, path))
-            again.meta.update(val=stream.meta["val"], recompute=CheckpointPolicy.MUST_RECOMPUTE)
-            for user in [u for u in stream.users if u in backward]:
-                user.replace_input_with(stream, again)
-            recomputed[stream] = again
+                again = _recomputed(graph, ops.post_res.default, recomputed.get(X, X), y, H_post, H_res, path)
+                recomputed[stream] = again
+                _redirect(stream, again, backward)
         if self.on_plan is not None:
             saved = math.ceil(len(pres) / every)
             self.on_plan(f"L_r={every}: {saved} of {len(pres)} block streams saved, the rest recomputed in backward")

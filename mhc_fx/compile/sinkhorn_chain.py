@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from ..nn.functional import PAPER, Form
 from .nodes import owner, shape
-from .report import Unfused
+from .fusion_report import Unfused
 
 aten = torch.ops.aten
 MAX_STREAMS = 8

@@ -25,12 +25,12 @@ from torch.utils import _pytree as pytree
 from ..config import MHCConfig
 from ..errors import ConfigError, ConversionError
 from ..nn.connections import Connection, DeepSeekV4Connection, DeepSeekV4Head, HCConnection, MHCConnection, StreamExpand, StreamReduce
-from .capture import parameter_placeholders, prepare_hf, to_aten
+from ..graph.capture import parameter_placeholders, prepare_hf, to_aten
 from .guarded import ConvertedForward, fresh_entry, run_captured
 from .plan import STREAMS_MODULE, Plan, make_plan
-from .report import BlockReport, ConversionReport
+from .conversion_report import BlockReport, ConversionReport
 from .residuals import Residual
-from .units import FSDPModule, fsdp_units
+from ..distributed import FSDPModule, fsdp_units
 from .rewrite import Analysis, analyse, lookup, register
 
 #: relative error allowed between the converted and the original model at conversion time.

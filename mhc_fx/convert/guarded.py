@@ -38,15 +38,15 @@ from torch._dynamo.eval_frame import OptimizedModule, _TorchDynamoContext, inner
 
 from ..config import MHCConfig
 from ..errors import CaptureError, MHCError
-from .capture import (
+from ..graph.capture import (
     StateReader, describe_inputs, has_checkpointed_regions, inline_modules, parameter_placeholders, prepare_hf,
     to_aten,
 )
 from .context_switches import allowed_in_checkpoints, is_side_effect_in_checkpoint, side_effect_error
 from .plan import Plan
-from .report import ConversionReport
+from .conversion_report import ConversionReport
 from .rewrite import analyse, rewrite_graph
-from .units import ShardedUnits, UnitsRunner, fsdp_units
+from ..distributed import ShardedUnits, UnitsRunner, fsdp_units
 
 #: Dynamo settings of every guarded call: hooks added after a capture are guarded (so they
 #: fire), many specialisations are allowed, and running out of them raises instead of falling

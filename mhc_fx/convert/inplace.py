@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .graph_ops import inplace_to_functional, is_view
+from ..graph.ops import inplace_to_functional, is_view
 
 
 def functionalize_intermediate_inplace(gm: fx.GraphModule) -> int:

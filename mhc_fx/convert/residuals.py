@@ -11,14 +11,14 @@ The graph analysis uses networkx.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections import Counter
 
 import networkx as nx
 import torch
 import torch.fx as fx
 
-from . import graph_ops as ops
+from ..graph import ops
+from ..graph.ops import module_path
 
 
 @dataclasses.dataclass(eq=False)
@@ -56,29 +56,6 @@ class SkippedAdd:
     node: str
     owner: str
     reason: str
-
-
-def _attribute_path(source: str) -> str:
-    """A Dynamo source name as a dotted module path relative to the compiled module:
-    ``getattr(L['self'].blocks, '0').mlp`` → ``blocks.0.mlp``; ``L['args'][0].model`` (the module
-    passed to a compiled ``__call__``) → ``model``."""
-    while (unwrapped := _GETATTR.sub(r"\1.\2", source)) != source:
-        source = unwrapped
-    return _ROOT.sub("", source)
-
-
-_GETATTR = re.compile(r"getattr\(([^()]*), '([^']*)'\)")
-#: the compiled module itself, as Dynamo names it: ``L['self']``, ``L['args'][0]``, ``L__self__``
-_ROOT = re.compile(r"^(L\['\w+'\](\[\d+\])?|L__self__)\.?")
-
-
-def module_path(node: fx.Node, gm: fx.GraphModule | None = None) -> list[str]:
-    """The module paths enclosing ``node``, outermost first (``call_module`` targets included)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    paths = [_attribute_path(p) for p, _ in stack.values() if isinstance(p, str)]
-    if node.op == "call_module":
-        paths.append(str(node.target))
-    return [p for p in paths if p]
 
 
 def mutated_values(gm: fx.GraphModule) -> set[fx.Node]:

@@ -68,7 +68,7 @@ def _insert(graph: fx.Graph, after: fx.Node, op: str, target, args) -> fx.Node:
         return graph.create_node(op, target, args)
 
 
-#: node meta of an activation-checkpointed region (:func:`mhc_fx.convert.capture.to_aten`)
+#: node meta of an activation-checkpointed region (:func:`mhc_fx.graph.capture.to_aten`)
 CHECKPOINT_TAGS = ("recompute", "ac_graph_id")
 
 

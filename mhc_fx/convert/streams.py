@@ -13,7 +13,7 @@ from collections import Counter
 
 import torch.fx as fx
 
-from . import graph_ops as ops
+from ..graph import ops
 from .residuals import Residual, mutated_values
 
 

@@ -21,9 +21,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..convert.capture import auto_dims, contiguous_inputs, export_graph
-from ..convert.guarded import ConvertedForward
-from ..convert.rewrite import analyse, rewrite_graph
+from ..graph.capture import auto_dims, contiguous_inputs, export_graph
+from ..convert import ConvertedForward, analyse, rewrite_graph
 from ..errors import MHCError
 from ..kernels.custom_ops import decompositions
 from .runtime_sinkhorn import runtime_sinkhorns

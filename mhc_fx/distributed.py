@@ -5,7 +5,7 @@
 (``DTensor``) between calls, and its forward hooks all-gather them before the layer runs,
 free them after it, and reduce-scatter their gradients in backward. A converted model runs one
 captured graph, in which layers are no longer calls; so for such a model the guarded call
-(:mod:`.guarded`):
+(:mod:`mhc_fx.convert.guarded`):
 
 1. captures and guards every call in the *capture layout* (:meth:`ShardedUnits.capture_layout`):
    the units' FSDP2 hooks set aside (Dynamo cannot trace them: they are
@@ -37,7 +37,7 @@ from torch import nn
 from torch._guards import detect_fake_mode
 from torch.fx.passes.split_module import split_module
 
-from ..errors import CaptureError
+from .errors import CaptureError
 
 #: the FSDP2 unit class: None where torch.distributed is not built in
 try:
@@ -224,7 +224,7 @@ RegionCompiler = Callable[[fx.GraphModule, list], Callable]
 
 
 class UnitsRunner:
-    """Runs a rewritten capture (a pre-dispatch ATen graph from :mod:`.capture`, with the
+    """Runs a rewritten capture (a pre-dispatch ATen graph from :mod:`mhc_fx.graph.capture`, with the
     connection modules as ``call_module`` nodes) of a model with FSDP2 units, unit by unit.
 
     Called as Dynamo calls a compiled graph: with the graph's inputs, in which each sharded

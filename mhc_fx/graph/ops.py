@@ -9,6 +9,7 @@ targets themselves.
 from __future__ import annotations
 
 import operator
+import re
 
 import networkx as nx
 import torch
@@ -211,3 +212,26 @@ def inplace_to_functional(node: fx.Node):
     if node.op == "call_function" and node.target is operator.iadd:
         return operator.add
     return None
+
+
+def _attribute_path(source: str) -> str:
+    """A Dynamo source name as a dotted module path relative to the compiled module:
+    ``getattr(L['self'].blocks, '0').mlp`` → ``blocks.0.mlp``; ``L['args'][0].model`` (the module
+    passed to a compiled ``__call__``) → ``model``."""
+    while (unwrapped := _GETATTR.sub(r"\1.\2", source)) != source:
+        source = unwrapped
+    return _ROOT.sub("", source)
+
+
+_GETATTR = re.compile(r"getattr\(([^()]*), '([^']*)'\)")
+#: the compiled module itself, as Dynamo names it: ``L['self']``, ``L['args'][0]``, ``L__self__``
+_ROOT = re.compile(r"^(L\['\w+'\](\[\d+\])?|L__self__)\.?")
+
+
+def module_path(node: fx.Node, gm: fx.GraphModule | None = None) -> list[str]:
+    """The module paths enclosing ``node``, outermost first (``call_module`` targets included)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [_attribute_path(p) for p, _ in stack.values() if isinstance(p, str)]
+    if node.op == "call_module":
+        paths.append(str(node.target))
+    return [p for p in paths if p]
