@@ -10,8 +10,8 @@ those by rerunning the mixing (never the branch ``F``, nor the coefficients)::
 The pass adds that ``post_res`` chain to the joint graph for every stream inside a segment,
 points the backward's reads of those streams at it, and tags it with ``CheckpointPolicy`` (the
 tags selective activation checkpointing uses): the chain is ``MUST_RECOMPUTE``, segment-start
-streams, branch outputs and the fused pre ops' coefficients (``n² + 2n`` values per token) are
-``MUST_SAVE``; the min-cut partitioner does the rest. Recomputing costs one mixing per block
+streams, branch outputs and the fused pre ops' ``H_post``, ``H_res`` (``n² + n`` values per
+token) are ``MUST_SAVE``; the min-cut partitioner does the rest. Recomputing costs one mixing per block
 (a read of ``X_l`` and ``y_l``, a write of ``X_{l+1}``) and never the Sinkhorn iterations, which
 the pre side's backward recomputes on its own anyway. Saved stream memory drops from ``L·nC``
 to about ``(L/L_r)·nC + L·C`` per token, which ``L_r = √(nL/(n+2))`` (the paper's choice, the
@@ -20,13 +20,11 @@ default) minimises.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import operator
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.utils.checkpoint import CheckpointPolicy
 
@@ -45,16 +43,6 @@ def _downstream(nodes: list[fx.Node]) -> set[fx.Node]:
                 seen.add(user)
                 todo.append(user)
     return seen
-
-
-def _recomputed(graph: fx.Graph, target, *args) -> fx.Node:
-    """A new node ``target(*args)`` (at the insertion point) with its fake value, tagged
-    ``MUST_RECOMPUTE``."""
-    node = graph.call_function(target, args)
-    values = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
-    with detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)]) or contextlib.nullcontext():
-        node.meta.update(val=target(*values), recompute=CheckpointPolicy.MUST_RECOMPUTE)
-    return node
 
 
 def _redirect(value: fx.Node, recomputed: fx.Node, backward: set[fx.Node]) -> None:
@@ -115,9 +103,10 @@ class SelectiveRecompute(CustomGraphPass):
                 continue
             X, y, H_post, H_res, path = mixing
             with graph.inserting_before(first_backward):
-                again = _recomputed(graph, ops.post_res.default, recomputed.get(X, X), y, H_post, H_res, path)
-                recomputed[stream] = again
-                _redirect(stream, again, backward)
+                again = graph.call_function(ops.post_res.default, (recomputed.get(X, X), y, H_post, H_res, path))
+            again.meta.update(val=stream.meta["val"], recompute=CheckpointPolicy.MUST_RECOMPUTE)
+            recomputed[stream] = again
+            _redirect(stream, again, backward)
         if self.on_plan is not None:
             saved = math.ceil(len(pres) / every)
             self.on_plan(f"L_r={every}: {saved} of {len(pres)} block streams saved, the rest recomputed in backward")

@@ -12,9 +12,9 @@ Three spellings are recognised on an ``[..., n, n]`` tensor, and each chain says
   alternating, ending on columns.
 
 Any other order of axes (rows first is another function; the log domain's finiteness at any
-logit spread is the paper form's, which a division op would not keep), or an epsilon anywhere else (after a division, in some denominators
-only, in the softmax's), is another function: close to one of these at ordinary logits but not
-equal, and reported, not fused.
+logit spread is the paper form's, which a division op would not keep), or an epsilon anywhere
+else (after a division, in some denominators only, in the softmax's), is another function:
+close to one of these at ordinary logits but not equal, and reported, not fused.
 """
 
 from __future__ import annotations
