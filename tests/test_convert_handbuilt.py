@@ -79,6 +79,7 @@ def test_residual_method_keeps_the_adds():
     report = mhc_fx.report(model)  # the A/B baseline reports the blocks it kept as they are
     assert report.method == "residual" and [b.name for b in report.blocks][:2] == ["blocks.0.attn", "blocks.0.mlp"]
     assert report.num_blocks == 4 and all(b.module == "" for b in report.blocks)
+    assert mhc_fx.report(copy.deepcopy(model)).blocks == report.blocks  # it belongs to the model: copies carry it
     with pytest.raises(mhc_fx.ConversionError, match="not converted"):
         mhc_fx.report(TinyGPT(layers=2))
     assert not any(isinstance(m, mhc_fx.nn.Connection) for m in converted.modules())

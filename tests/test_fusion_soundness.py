@@ -110,6 +110,33 @@ def test_two_compiled_models_keep_separate_reports():
     assert mhc_fx.fusion_reports(torch.nn.Linear(2, 2)) == []
 
 
+class BrokenInTwo(PaperStyleNet):
+    """Two blocks with a graph break between them; after it ``self`` is no longer a local."""
+
+    def forward(self, x):
+        X = self.embed(x).unflatten(-1, (self.n, -1))
+        first, second = self.blocks
+        X = first(X)
+        torch._dynamo.graph_break()
+        return second(X).flatten(-2)
+
+
+def test_reports_of_graphs_split_by_a_graph_break_all_belong_to_the_model():
+    """The graph after a graph break is traced in the model's forward resumed, where ``self``
+    is no longer a local, only the block it calls next: every graph the backend compiled is
+    filed on the model all the same, oldest first, one block fused in each; a copy of the model
+    has compiled nothing."""
+    model = BrokenInTwo(variants=[{}, {}])
+    x = torch.randn(2, 3, 24)
+    backend = mhc_backend.options()
+    out = torch.compile(model, backend=backend)(x)
+    assert rel_err(out, model(x)) <= 1e-5
+    assert len(backend.reports) == 2 and all(r.num_pre == r.num_post_res == 1 for r in backend.reports)
+    assert mhc_fx.fusion_reports(model) == backend.reports
+    assert mhc_fx.fusion_reports(model.blocks[1]) == backend.reports[1:]  # the resumed frame holds it
+    assert mhc_fx.fusion_reports(copy.deepcopy(model)) == []
+
+
 def test_cpu_path_is_pinned_per_compile(monkeypatch):
     """``compile_cpu_ops`` of one compile does not change another's ops (no process-wide
     switch), and each op's backward runs the path its forward ran. With ``cpu_ops_in_graph``

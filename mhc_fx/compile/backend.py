@@ -18,9 +18,10 @@ For each graph Dynamo captures, the backend
 Options, by ``torch.compile(m, backend="mhc", options={...})`` or
 ``torch.compile(m, backend=mhc_fx.compile.backend.options(...))``: see :class:`BackendOptions`.
 What was fused belongs to the compiled model: :func:`mhc_fx.fusion_reports(model)
-<mhc_fx.compile.fusion_report.fusion_reports>` (one :class:`~mhc_fx.compile.fusion_report.FusionReport` per graph compiled for
-it); a backend made by :func:`options` also keeps the reports of every graph it compiled
-(``.reports``, for compiled functions); and the ``mhc_fx.compile.backend`` logger (INFO).
+<mhc_fx.compile.fusion_report.fusion_reports>` (one :class:`~mhc_fx.compile.fusion_report.FusionReport`
+per graph compiled for it, filed on the modules whose code the graph computes:
+:func:`traced_modules`); a backend made by :func:`options` also keeps the reports of every graph
+it compiled (``.reports``, for compiled functions); and the ``mhc_fx.compile.backend`` logger (INFO).
 
 The name ``"mhc"`` comes from the ``torch_dynamo_backends`` entry point in ``pyproject.toml``
 (Dynamo loads this module the first time the name is used); pass :func:`mhc` or
@@ -30,23 +31,22 @@ The name ``"mhc"`` comes from the ``torch_dynamo_backends`` entry point in ``pyp
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
-import sys
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._dynamo.eval_frame import OptimizedModule
+from torch._dynamo.symbolic_convert import InstructionTranslator
 from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.decomposition import select_decomp_table
 
 from ..graph.capture import to_aten
-from ..convert import ConvertedForward
 from ..errors import ConfigError
 from ..kernels import custom_ops
 from .fuse import fuse_mhc
-from .fusion_report import FusionReport, record
+from .fusion_report import FusionReport, file_under
 from .recompute import SelectiveRecompute
 
 log = logging.getLogger(__name__)
@@ -124,21 +124,23 @@ class CpuOpsInGraph(CustomGraphPass):
         return "mhc_fx.cpu_ops_in_graph.v1"
 
 
-def _compiled_model() -> nn.Module | None:
-    """The module whose call Dynamo is compiling: a converted model handing over its capture,
-    or the innermost ``torch.compile(model)`` wrapper (or ``model.compile()``d module) on the
-    Python stack; None for a function."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
-        if isinstance(owner, ConvertedForward):
-            return owner.model
-        if isinstance(owner, OptimizedModule):
-            return owner._orig_mod
-        if isinstance(owner, nn.Module) and getattr(owner, "_compiled_call_impl", None) is not None:
-            return owner
-        frame = frame.f_back
-    return None
+def traced_modules(gm: fx.GraphModule, example_inputs: list) -> list[nn.Module]:
+    """The modules whose code ``gm`` computes, from Dynamo's own record of the frame it traced
+    (the instruction translator's locals): the frame's ``self``, and any other module in a local
+    whose parameters or buffers the graph reads (a forward resumed after a graph break may no
+    longer hold ``self``, only the block it calls next). For a converted model's capture this is
+    the model. Empty outside a Dynamo compile, and for a frame of tensors only."""
+    try:
+        tx = InstructionTranslator.current_tx()
+    except AttributeError:  # Dynamo is not compiling a frame
+        return []
+    read = {id(t) for t in (*example_inputs, *gm.parameters(), *gm.buffers()) if isinstance(t, torch.Tensor)}
+    modules = {
+        id(value): value for name, value in tx.f_locals.items()
+        if isinstance(value, nn.Module)
+        and (name == "self" or any(id(t) in read for t in itertools.chain(value.parameters(), value.buffers())))
+    }
+    return list(modules.values())
 
 
 class MHCBackend:
@@ -164,9 +166,7 @@ class MHCBackend:
 
             patches["joint_custom_post_pass"] = SelectiveRecompute(opts.recompute_every, on_plan)
         self.reports.append(report)
-        model = _compiled_model()
-        if model is not None:
-            record(model, report)
+        file_under(traced_modules(gm, example_inputs), report)
         log.info("%s", report)
         decompositions = None
         if opts.cpu_ops_in_graph:

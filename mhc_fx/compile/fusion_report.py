@@ -1,10 +1,16 @@
 """What the fusion pass did to one graph (:class:`FusionReport`), and the reports of each
-compiled model (:func:`fusion_reports`)."""
+compiled model (:func:`fusion_reports`).
+
+A report belongs to the modules whose code its graph computes (found by
+:func:`mhc_fx.compile.backend.traced_modules`): the backend files it on each of them
+(:func:`file_under`), as an attribute of the module. Copies of a module (``copy.deepcopy``,
+pickling) start without reports: a copy has compiled nothing.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import weakref
+import itertools
 from collections import Counter
 
 from torch import nn
@@ -47,6 +53,8 @@ class FusionReport:
     existing: Counter = dataclasses.field(default_factory=Counter)
     recompute: str | None = None
     seconds: float = 0.0
+    #: when it was made, relative to the process's other reports (orders :func:`fusion_reports`)
+    made: int = dataclasses.field(default_factory=itertools.count().__next__, compare=False, repr=False)
 
     @property
     def counts(self) -> Counter:
@@ -84,19 +92,31 @@ class FusionReport:
         return "\n".join(lines)
 
 
-#: model → the reports of the graphs compiled for it (dropped with the model).
-_BY_MODEL: "weakref.WeakKeyDictionary[nn.Module, list[FusionReport]]" = weakref.WeakKeyDictionary()
+#: the attribute of a module that holds the reports filed on it
+ATTRIBUTE = "_mhc_fx_fusion_reports"
 
 
-def record(model: nn.Module, report: FusionReport) -> None:
-    """File ``report`` under ``model`` (the backend calls this for every graph it compiles)."""
-    _BY_MODEL.setdefault(model, []).append(report)
+class _Filed(list):
+    """The reports filed on one module; a copy of the module starts without any."""
+
+    def __deepcopy__(self, memo: dict) -> "_Filed":
+        return _Filed()
+
+    def __reduce__(self) -> tuple:
+        return _Filed, ()
+
+
+def file_under(modules: list[nn.Module], report: FusionReport) -> None:
+    """File ``report`` on each of ``modules`` (the backend calls this for every graph it compiles)."""
+    for module in modules:
+        vars(module).setdefault(ATTRIBUTE, _Filed()).append(report)
 
 
 def fusion_reports(model: nn.Module) -> list[FusionReport]:
     """The fusion report of every graph the ``mhc`` backend compiled for ``model`` (the module,
-    or its ``torch.compile`` wrapper), oldest first; empty if none was. A recompile (new
-    shapes, another mode) adds one."""
+    or its ``torch.compile`` wrapper) or one of its submodules, oldest first; empty if none was.
+    A recompile (new shapes, another mode) adds one."""
     if isinstance(model, OptimizedModule):
         model = model._orig_mod
-    return list(_BY_MODEL.get(model, []))
+    filed = {id(r): r for module in model.modules() for r in vars(module).get(ATTRIBUTE, ())}
+    return sorted(filed.values(), key=lambda r: r.made)

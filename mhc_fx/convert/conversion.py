@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import weakref
 from collections import Counter
 from typing import Any, Callable
 
@@ -38,9 +37,10 @@ PRESERVE_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
 PRESERVE_TOLERANCE_LOW_PRECISION = 5e-2
 #: the attribute of a Hugging Face config that holds the conversion (``save_pretrained`` writes it)
 HF_CONFIG_KEY = "mhc_fx"
-#: The report of each model ``convert(method="residual")`` left unchanged (its blocks, as found):
-#: what :func:`report` returns for it; dropped with the model.
-_unchanged_reports: "weakref.WeakKeyDictionary[nn.Module, ConversionReport]" = weakref.WeakKeyDictionary()
+#: The attribute that holds the report of a model ``convert(method="residual")`` left unchanged
+#: (its blocks, as found): what :func:`report` returns for it. A converted model's report is its
+#: forward's (:attr:`ConvertedForward.report`).
+UNCHANGED_REPORT = "_mhc_fx_conversion_report"
 
 
 def _connection(config: MHCConfig, n_channels: int, stream_dim: int, index: int) -> Connection:
@@ -304,7 +304,7 @@ def convert(
         plan = make_plan(a.streams, a.residuals, lambda i, k, res: "")
         report.blocks = block_reports(plan, False)
         report.seconds = {"capture": captured - started}
-        _unchanged_reports[model] = report
+        vars(model)[UNCHANGED_REPORT] = report
         return model
     suffix = "mhc" if config.method == "mhc" else "hc"
     plan = make_plan(a.streams, a.residuals, _connection_path(model, suffix, set()))
@@ -330,6 +330,6 @@ def report(model: nn.Module) -> ConversionReport:
     ``convert(method="residual")`` left unchanged: the blocks it found (none rewritten)."""
     if is_converted(model):
         return model.forward.report
-    if model in _unchanged_reports:
-        return _unchanged_reports[model]
+    if UNCHANGED_REPORT in vars(model):
+        return vars(model)[UNCHANGED_REPORT]
     raise ConversionError(f"{type(model).__name__} is not converted by mhc_fx (call mhc_fx.convert first)")

@@ -8,16 +8,17 @@ runs it. Dynamo's guards (dtypes, devices, sizes — 0/1 included —, non-tenso
 None-ness of optional inputs, module modes, grad mode, hooks) decide when a call needs a new
 capture; each new capture is checked against the plan and recorded in the report.
 
-Under an outer ``torch.compile(model, backend=B)`` the call is opaque to the outer trace
-(``torch.compiler.disable``: a graph break), and the guarded call hands its *rewritten* captures
-to ``B`` instead of running them eagerly (:func:`outer_backend` finds ``B`` on the compiled
-wrapper of the model, or of a function or module that calls it). So ``torch.compile(model)`` compiles the converted function with
-Inductor, ``backend="mhc"`` fuses its mHC subgraphs (:mod:`mhc_fx.compile.backend`), and no
-backend ever sees the unconverted graph.
+Under an outer ``torch.compile(model, backend=B)`` — of the model, or of a function or module
+that calls it — the call is opaque to the outer trace (a frame Dynamo skips: a graph break), and
+the guarded call hands its *rewritten* captures to ``B`` instead of running them eagerly
+(:func:`outer_backend` reads ``B`` from Dynamo's eval-frame callback, which stays set in a
+skipped frame). So ``torch.compile(model)`` compiles the converted function with Inductor,
+``backend="mhc"`` fuses its mHC subgraphs (:mod:`mhc_fx.compile.backend`), and no backend ever
+sees the unconverted graph.
 
 A model with FSDP2 units (``fully_shard`` per layer) is called in the units' capture layout and
 its rewritten captures run unit by unit, each region between its unit's FSDP2 hooks
-(:mod:`.units`).
+(:mod:`mhc_fx.distributed`).
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ import dataclasses
 import functools
 import inspect
 import itertools
-import sys
 import types
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._dynamo.eval_frame import OptimizedModule, _TorchDynamoContext, innermost_backend
+from torch._C._dynamo.eval_frame import get_eval_frame_callback
+from torch._dynamo.eval_frame import innermost_backend
 
 from ..config import MHCConfig
 from ..errors import CaptureError, MHCError
@@ -57,8 +58,6 @@ DYNAMO_SETTINGS = {
     "fail_on_recompile_limit_hit": True,
 }
 _ids = itertools.count()
-#: how many frames up :func:`outer_backend` looks for a ``torch.compile`` wrapper
-STACK_DEPTH = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,24 +144,18 @@ def fresh_entry() -> Callable:
     return types.FunctionType(code, _entry.__globals__, code.co_name)
 
 
-def outer_backend(model: nn.Module) -> Any:
+def outer_backend(callback: Any) -> Any:
     """The backend of the ``torch.compile`` this call came through — a ``torch.compile(model)``
     wrapper, or a compiled function or module that calls the model — or None for a plain call.
-    Found by walking up the Python stack to the nearest active Dynamo context (Dynamo keeps no
-    other record a callee can read); another converted model's own capture is not one."""
-    frame = sys._getframe(2)
-    for _ in range(STACK_DEPTH):
-        if frame is None:
-            return None
-        code = frame.f_code  # f_locals builds a dict: look only where a `self` can be (a hot path)
-        owner = frame.f_locals.get("self") if "self" in code.co_varnames or "self" in code.co_freevars else None
-        context = owner.dynamo_ctx if isinstance(owner, OptimizedModule) else owner
-        if isinstance(context, _TorchDynamoContext) and context.callback not in (None, False):
-            backend = innermost_backend(context.callback)
-            if not _is_capture_backend(backend):
-                return backend
-        frame = frame.f_back
-    return None
+
+    ``callback`` is Dynamo's eval-frame callback while the call runs
+    (``get_eval_frame_callback()`` in :meth:`ConvertedForward.__call__`, whose frame Dynamo skips
+    without clearing it): the compile's frame converter, whose innermost backend is ``B``. A
+    converted model's own capture is not an outer compile."""
+    if callback in (None, False):  # no compile, or Dynamo's run-only mode
+        return None
+    backend = innermost_backend(callback)
+    return None if _is_capture_backend(backend) else backend
 
 
 def _is_capture_backend(backend: Any) -> bool:
@@ -257,11 +250,17 @@ class ConvertedForward:
                 return UnitsRunner(aten, example_inputs, self._units, functools.partial(runnable, backend=backend))
             return runnable(aten, example_inputs, backend)
 
-    @torch.compiler.disable
+    @torch.compiler.disable(recursive=False)
     def __call__(self, *args, **kwargs):
+        # Dynamo skips this frame (a graph break in an outer trace) and leaves its callback set:
+        # read it here, then run everything else with Dynamo off
+        return self._call(get_eval_frame_callback(), args, kwargs)
+
+    @torch.compiler.disable
+    def _call(self, callback: Any, args: tuple, kwargs: dict) -> Any:
         self.__signature__.bind(*args, **kwargs)  # the TypeError forward itself would raise
         prepare_hf(self.model, kwargs)
-        backend, units = outer_backend(self.model), fsdp_units(self.model)
+        backend, units = outer_backend(callback), fsdp_units(self.model)
         if not units:
             return run_captured(self._compiled_for(backend, None), self.model, args, kwargs)
         outer, self._units = self._units, self._sharded_units(units)
