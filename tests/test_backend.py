@@ -248,6 +248,20 @@ def test_channel_first_blocks_are_checked_on_a_few_tokens_and_fused(monkeypatch)
         assert rel_err(_grads(model)[name], ref) <= 1e-4, name
 
 
+def test_token_dims_equal_to_parameter_dims_are_fused(monkeypatch):
+    """Batch × length 4 × 32 with n = 4, C = 32: the token dims equal the stream's [n, C] and
+    their product the projection's n·C. Only values computed from the stream hold tokens, so
+    the check cuts those to a few tokens and keeps the parameters' shapes (it used to cut
+    ``φᵀ [nC, K]`` too, and fuse nothing: "its shapes do not follow the token dims")."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ids = torch.randint(0, 96, (4, 32))
+    model = mhc_fx.convert(TinyGPT(layers=1, dim=32, heads=2), (ids,), n=4, sinkhorn_iters=ITERS)
+    _randomize_connections(model)
+    runs, _, report = _eager_and_compiled(model, copy.deepcopy(model).double(), (ids,), {})
+    _assert_equal(runs)
+    assert report.num_pre == report.num_post_res == 2 and not report.unfused, str(report)
+
+
 def test_cpu_path_traced_into_the_graph_matches_float64(monkeypatch):
     """``cpu_ops_in_graph``: without Triton the fused ops' CPU path is traced into the model's
     forward and backward graphs (the Sinkhorn as its own compiled ops): off init, outputs and

@@ -53,11 +53,27 @@ class TokenSlice:
 
     lead: tuple[int, ...]
     few: tuple[int, ...]
+    #: nodes computed from the parameters alone: they hold no token dims, so their shapes are
+    #: never cut, whatever sizes they share with the tokens (``n·C == B·T``, ``[n, C] == [B, T]``)
+    fixed: frozenset[fx.Node] = frozenset()
 
     @classmethod
     def of(cls, stream_shape: tuple[int, ...]) -> "TokenSlice":
         lead = tuple(stream_shape[:-2])
         return cls(lead, tuple(min(d, FEW_TOKENS) for d in lead))
+
+    def fixing(self, nodes: list[fx.Node], parameters: list[fx.Node]) -> "TokenSlice":
+        """This slice with :attr:`fixed` the ``parameters`` and the ``nodes`` (in graph order)
+        computed from them and constants alone."""
+        fixed = set(parameters)
+        for node in nodes:
+            if node.op == "get_attr" or (node.all_input_nodes and all(a in fixed for a in node.all_input_nodes)):
+                fixed.add(node)
+        return dataclasses.replace(self, fixed=frozenset(fixed))
+
+    def shape_of(self, node: fx.Node) -> tuple[int, ...]:
+        """``node``'s traced shape, cut (:meth:`shape`) unless it holds no token dims."""
+        return shape(node) if node in self.fixed else self.shape(shape(node))
 
     @property
     def identity(self) -> bool:
@@ -88,7 +104,7 @@ class TokenSlice:
         return hint
 
     def args(self, node: fx.Node, args: tuple) -> tuple:
-        if node.target not in _SHAPE_OPS or self.identity:
+        if node.target not in _SHAPE_OPS or self.identity or node in self.fixed:
             return args
         return tuple(
             list(self.shape(a)) if isinstance(a, (list, tuple)) and a and all(isinstance(d, int) for d in a) else a
@@ -136,7 +152,7 @@ class Draws:
 
     def like(self, node: fx.Node, seed: int, tokens: TokenSlice | None = None) -> torch.Tensor:
         val = tensor_meta(node)
-        s = tokens.shape(shape(node)) if tokens is not None else shape(node)
+        s = tokens.shape_of(node) if tokens is not None else shape(node)
         key = (s, val.dtype, val.device, seed)
         if key not in self._drawn:
             generator = torch.Generator().manual_seed(seed)
@@ -177,8 +193,8 @@ def cut_shapes_agree(nodes: list[fx.Node], env: dict[fx.Node, object], tokens: T
     """Whether every evaluated tensor has the traced shape with its token dims cut: the check
     then ran the graph's function on fewer tokens, not a different function."""
     for node in nodes:
-        s, value = shape(node), env.get(node)
-        if s is not None and isinstance(value, torch.Tensor) and tuple(value.shape) != tokens.shape(s):
+        value = env.get(node)
+        if shape(node) is not None and isinstance(value, torch.Tensor) and tuple(value.shape) != tokens.shape_of(node):
             return False
     return True
 

@@ -223,11 +223,11 @@ def match_pre(gm: fx.GraphModule, chain: SinkhornChain, modes: dict[fx.Node, boo
     if isinstance(maps, str):
         return Unfused("pre", who, maps)
     params = _check_values(leaves, n, C, draws)
-    tokens = check.TokenSlice.of(shape(X))
+    tokens = check.TokenSlice.of(shape(X)).fixing(nodes, leaves)
     literals = _literals(nodes)
     runs = _forward_runs(gm, nodes, X, params, sizes, tokens, draws, literals)
     if runs is None and math.prod(tokens.lead) <= 64:  # a graph whose shapes do not cut: small anyway
-        tokens = check.TokenSlice(tokens.lead, tokens.lead)
+        tokens = dataclasses.replace(tokens, few=tokens.lead)
         runs = _forward_runs(gm, nodes, X, params, sizes, tokens, draws, literals)
     if runs is None:
         return Unfused("pre", who, f"its shapes do not follow the token dims {list(tokens.lead)}, so it cannot be checked on a few tokens")
