@@ -95,6 +95,9 @@ def test_converted_real_model_is_fused_and_matches_eager(name):
     assert report.num_pre == report.num_post_res == blocks, str(report)
     assert report.counts["post_res_pre"] == blocks - 1, str(report)  # every block after the first
     assert not report.unfused, str(report)
+    # each fused pre side is reported under the connection it belongs to
+    owners = {f.owner for f in report.fused if f.kind in ("pre", "post_res_pre")}
+    assert owners == {b.module for b in mhc_fx.report(model).blocks}, str(report)
     # the Triton kernels (interpreted) are what ran: one launch per block and direction
     assert launched["mhc_pre_fwd"] + launched["post_res_pre_fwd"] == blocks
     assert launched["post_res_fwd"] == 1  # the last block's mixing; the others ran merged

@@ -65,7 +65,10 @@ def register(tree: nn.Module, path: str, module: nn.Module) -> None:
 
 def _insert(graph: fx.Graph, after: fx.Node, op: str, target, args) -> fx.Node:
     with graph.inserting_after(after):
-        return graph.create_node(op, target, args)
+        node = graph.create_node(op, target, args)
+    if op == "call_module":  # the ops traced from a connection belong to it (reports name it)
+        node.meta["nn_module_stack"] = {target: (target, type(graph.owning_module.get_submodule(target)))}
+    return node
 
 
 #: node meta of an activation-checkpointed region (:func:`mhc_fx.graph.capture.to_aten`)
