@@ -65,10 +65,7 @@ def register(tree: nn.Module, path: str, module: nn.Module) -> None:
 
 def _insert(graph: fx.Graph, after: fx.Node, op: str, target, args) -> fx.Node:
     with graph.inserting_after(after):
-        node = graph.create_node(op, target, args)
-    if op == "call_module":  # the ops traced from a connection belong to it (reports name it)
-        node.meta["nn_module_stack"] = {target: (target, type(graph.owning_module.get_submodule(target)))}
-    return node
+        return graph.create_node(op, target, args)
 
 
 #: node meta of an activation-checkpointed region (:func:`mhc_fx.graph.capture.to_aten`)

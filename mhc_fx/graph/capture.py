@@ -137,8 +137,12 @@ def has_checkpointed_regions(gm: fx.GraphModule) -> bool:
 def inline_modules(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, list[str]]:
     """``gm`` with its ``call_module`` nodes traced into ATen ops, and the tensors of those
     modules (parameters, buffers) lifted to extra inputs after ``example_inputs``: the form a
-    ``torch.compile`` backend takes (it sees every op, and every parameter as an input). Returns
-    the new graph and the names in ``gm`` of the lifted tensors, in input order."""
+    ``torch.compile`` backend takes (it sees every op, and every parameter as an input). The ops
+    traced from a module name it in their ``nn_module_stack`` (a backend's reports say whose ops
+    it fused). Returns the new graph and the names in ``gm`` of the lifted tensors, in input order."""
+    for node in gm.graph.find_nodes(op="call_module"):
+        stack = node.meta.setdefault("nn_module_stack", {})
+        stack.setdefault(node.target, (node.target, type(gm.get_submodule(node.target))))
     state = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
     names, tensors = list(state), list(state.values())
     count = len(example_inputs)
