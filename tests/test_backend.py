@@ -122,9 +122,9 @@ def test_hand_written_mhc_layer_is_fused(caplog):
 def test_recompute_lowers_saved_bytes_with_unchanged_gradients(monkeypatch):
     """On the ops' CPU path (compiled by Inductor, ``compile_cpu_ops``): gradients equal eager's,
     and recomputation changes saved bytes, not gradients."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # 24 interpreted blocks would be slow
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # 16 interpreted blocks would be slow
     ids = torch.randint(0, 96, (2, 16))
-    model = mhc_fx.convert(TinyGPT(layers=12, dim=32, heads=2), (ids,), n=4, sinkhorn_iters=ITERS)
+    model = mhc_fx.convert(TinyGPT(layers=8, dim=32, heads=2), (ids,), n=4, sinkhorn_iters=ITERS)
     _randomize_connections(model)
     model(ids).square().mean().backward()
     eager = _grads(model)
@@ -137,9 +137,9 @@ def test_recompute_lowers_saved_bytes_with_unchanged_gradients(monkeypatch):
         grads[name] = _grads(model)
         saved[name] = saved_bytes(compiled, ids)
     print("saved for backward (bytes):", saved)
-    assert "L_r=4: 6 of 24 block streams saved" in mhc_fx.fusion_reports(model)[-1].recompute
-    # exactly the 18 recomputed streams [tokens, n, C] (float32) are no longer saved, nothing else changes
-    assert saved["mhc"] - saved["mhc+recompute"] == 18 * ids.numel() * 4 * 32 * 4
+    assert "L_r=3: 6 of 16 block streams saved" in mhc_fx.fusion_reports(model)[-1].recompute
+    # exactly the 10 recomputed streams [tokens, n, C] (float32) are no longer saved, nothing else changes
+    assert saved["mhc"] - saved["mhc+recompute"] == 10 * ids.numel() * 4 * 32 * 4
     assert eager.keys() == grads["mhc"].keys()
     for name, ref in eager.items():  # fp32 sums in other orders: a wrong fusion is off by O(1)
         assert rel_err(grads["mhc"][name], ref) <= 1e-4, name

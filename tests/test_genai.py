@@ -53,9 +53,9 @@ def _tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
-@pytest.fixture(scope="module", params=["hf-llama", "hf-gpt2"])
-def exported(request, tmp_path_factory):
-    """(original, converted off init, the GenAI folder of the converted model)."""
+@pytest.fixture(params=["hf-llama", "hf-gpt2"])
+def exported(request, tmp_path):
+    """(original, converted off init, the GenAI export report of the converted model)."""
     original = _decoder(request.param)
     model = copy.deepcopy(original)
     torch.manual_seed(0)
@@ -64,26 +64,8 @@ def exported(request, tmp_path_factory):
         for name, p in model.named_parameters():
             if "_mhc." in name:
                 p.add_(0.5 * torch.randn_like(p))
-    folder = tmp_path_factory.mktemp(request.param)
-    report = mhc_fx.export_genai(model, folder, _tokenizer(), check_tokens=NEW_TOKENS, eos_token_id=EOS)
+    report = mhc_fx.export_genai(model, tmp_path, _tokenizer(), check_tokens=NEW_TOKENS, eos_token_id=EOS)
     return original, model, report
-
-
-def test_the_tokenizer_files_are_read_by_genai(exported):
-    folder = exported[2].folder
-    text = "the cat mixes streams"
-    tokenizer = og.Tokenizer(og.Model(str(folder)))
-    assert [int(t) for t in tokenizer.encode(text)] == _tokenizer().encode(text)
-    assert tokenizer.decode(tokenizer.encode(text)) == text
-
-
-def test_genai_generates_what_generate_does(exported):
-    original, model, report = exported
-    assert len(report.checked) == 2
-    expected = [_generate(model, p) for p in PROMPTS]
-    assert [genai_generate(report.folder, p, NEW_TOKENS) for p in PROMPTS] == expected
-    # off init the connections change the tokens: the comparison sees them
-    assert expected != [_generate(original, p) for p in PROMPTS]
 
 
 def _session_greedy(path, ids, mask, new_tokens, layers, kv_heads, head_dim):
@@ -105,8 +87,15 @@ def _session_greedy(path, ids, mask, new_tokens, layers, kv_heads, head_dim):
     return np.concatenate(out, 1).tolist()
 
 
-def test_session_loop_over_past_and_present_matches_a_left_padded_batch(exported):
-    _, model, report = exported
+def test_genai_and_a_session_loop_generate_what_generate_does(exported):
+    """GenAI's tokens are ``generate()``'s; a plain ONNX Runtime loop over past/present gives a
+    left-padded batch's tokens, and batch 1's (one export per model: the checks share it)."""
+    original, model, report = exported
+    assert len(report.checked) == 2
+    expected = [_generate(model, p) for p in PROMPTS]
+    assert [genai_generate(report.folder, p, NEW_TOKENS) for p in PROMPTS] == expected
+    # off init the connections change the tokens: the comparison sees them
+    assert expected != [_generate(original, p) for p in PROMPTS]
     width = max(map(len, PROMPTS))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
@@ -121,10 +110,14 @@ def test_session_loop_over_past_and_present_matches_a_left_padded_batch(exported
     assert single == [_generate(model, PROMPTS[1], stop=False)]
 
 
-def test_an_unconverted_decoder_exports_the_same_way(tmp_path):
+def test_an_unconverted_decoder_exports_the_same_way_and_genai_reads_its_tokenizer(tmp_path):
     model = _decoder("hf-llama")
-    report = mhc_fx.export_genai(model, tmp_path, check_tokens=6, eos_token_id=EOS)
+    report = mhc_fx.export_genai(model, tmp_path, _tokenizer(), check_tokens=6, eos_token_id=EOS)
     assert (tmp_path / "genai_config.json").exists() and report.model_type == "llama" and len(report.checked) == 2
+    text = "the cat mixes streams"
+    tokenizer = og.Tokenizer(og.Model(str(tmp_path)))
+    assert [int(t) for t in tokenizer.encode(text)] == _tokenizer().encode(text)
+    assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
 def test_models_it_cannot_export_raise(tmp_path):
