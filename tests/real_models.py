@@ -37,7 +37,7 @@ REAL_MODELS = {
     ),
     "timm-resnet18": (lambda: _timm("resnet18"), lambda b: ((torch.randn(b, 3, 64, 64),), {}), 5),
     "timm-vit_tiny": (lambda: _timm("vit_tiny_patch16_224", img_size=64, depth=2), lambda b: ((torch.randn(b, 3, 64, 64),), {}), 4),
-    "timm-convnext_atto": (lambda: _timm("convnext_atto"), lambda b: ((torch.randn(b, 3, 64, 64),), {}), 12),
+    "timm-convnext_atto": (lambda: _timm("convnext_atto", depths=(1, 1, 2, 1)), lambda b: ((torch.randn(b, 3, 64, 64),), {}), 5),
     "torch-encoder-prenorm": (lambda: _encoder(True), lambda b: ((torch.randn(b, 10, 32),), {}), 4),
     "torch-encoder-postnorm": (lambda: _encoder(False), lambda b: ((torch.randn(b, 10, 32),), {}), 4),
 }
