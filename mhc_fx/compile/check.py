@@ -63,8 +63,8 @@ class TokenSlice:
         return cls(lead, tuple(min(d, FEW_TOKENS) for d in lead))
 
     def fixing(self, nodes: list[fx.Node], parameters: list[fx.Node]) -> "TokenSlice":
-        """This slice with :attr:`fixed` the ``parameters`` and the ``nodes`` (in graph order)
-        computed from them and constants alone."""
+        """This slice with :attr:`fixed` the ``parameters``, the ``get_attr`` nodes, and the
+        ``nodes`` (in graph order) whose node inputs are all fixed (literal arguments aside)."""
         fixed = set(parameters)
         for node in nodes:
             if node.op == "get_attr" or (node.all_input_nodes and all(a in fixed for a in node.all_input_nodes)):
